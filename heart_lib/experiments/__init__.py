@@ -1,0 +1,1 @@
+"""One module per notebook: its `Params` and the experiment functions it calls."""

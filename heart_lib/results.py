@@ -1,0 +1,111 @@
+"""Run outputs: atomic writes, run metadata, and loading tables back for the book.
+
+Every write goes to a temporary file in the destination folder and is renamed into place, so an
+interrupted run never leaves a half-written file that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import pandas as pd
+
+from heart_lib.paths import RESULTS_DIR
+
+
+def results_dir(profile: str, *parts: str) -> Path:
+    """`results/<profile>/<parts...>`, created."""
+    path = RESULTS_DIR.joinpath(profile, *parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path`, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    return write_text(path, json.dumps(data, indent=2, sort_keys=True, default=_jsonable) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def write_table(path: str | os.PathLike, table: pd.DataFrame, meta: dict[str, Any] | None = None) -> Path:
+    """Write a table as CSV (atomically); `meta` goes to `<name>.meta.json` beside it."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6g")
+    if meta is not None:
+        write_json(path.with_suffix(".meta.json"), {**run_metadata(), **meta})
+    return path
+
+
+def read_table(path: str | os.PathLike) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"result table {path} does not exist; run the notebook that writes it first")
+    return pd.read_csv(path)
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 150) -> Path:
+    """Save a matplotlib figure atomically (PNG), with reproducible metadata."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight",
+                    metadata={"Software": None} if path.suffix == ".png" else None)
+    return path
+
+
+def run_metadata() -> dict[str, Any]:
+    """What a result depends on besides its parameters: code version and environment."""
+    import timm
+    import torch
+
+    from heart_lib import __version__
+    from heart_lib.provenance import library_digest
+
+    return {
+        "heart_lib": __version__,
+        "library_digest": library_digest(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
