@@ -1,0 +1,524 @@
+"""Sensitivity scores of tokens and heads (METHOD.md §2) and their leave-one-out ground truth.
+
+Every derivative-based score is read off multiplicative gates `m` (all ones) placed on timm's own
+modules (`heart_lib.gates`): with `L(m) = Σ_b ℓ_b(m)`,
+
+    ∂L/∂m_c   = g_cᵀ z_c                (first-order Taylor term)
+    ∂²L/∂m_c² = z_cᵀ H_cc z_c           (the HEART curvature S_c)
+
+The loss is the *sum* over images, and images do not interact in eval mode, so the gate Hessian is
+block-diagonal across images and one HVP gives every image its own scores.
+
+Methods (higher score = more important = keep):
+
+| method | score |
+|---|---|
+| heart | single probe: `(H_m 1)_c` with the all-ones probe per gate group (`scope="layer"`, METHOD §2) or over all groups at once (`scope="global"`, one HVP); includes cross-component terms |
+| heart_hutchinson | Hutchinson over components, K Rademacher probes: unbiased `H_cc` |
+| heart_exact | one HVP per component (batched over images): exact `H_cc` |
+| second_order | `-g_c + ½ H_cc` (predicted loss change of removing c); `H_cc` from `curvature=` |
+| taylor | `|g_c|` |
+| fisher | `g_c²` (per image; averaging over images gives the empirical Fisher) |
+| cls_attention | tokens: attention of the class token to the token in the gated block, mean over heads (mean over all queries when the model has no class token); heads: negative entropy of the class token's attention row |
+| norm | `‖z_c‖` (token embedding at the block input; head output over all tokens) |
+| random | uniform, from `seed` |
+
+Losses: "true" (cross-entropy to `labels`), "pseudo" (cross-entropy to the unpruned prediction),
+"kl" (KL(unpruned ‖ gated)); the KL's gradient at m = 1 is exactly zero and its Hessian is PSD.
+
+Curvature is computed in fp32 even for fp16/bf16 models (the model is upcast in place for the
+call and restored exactly afterwards); fp64 models stay fp64. Attention runs on timm's explicit
+path during the call (`heart_lib._compat.non_fused_attention`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from heart_lib import curvature
+from heart_lib._compat import non_fused_attention
+from heart_lib.gates import BlockRunner, GateSet, attach_gates, check_layers, num_prefix_tokens, vit_info
+
+__all__ = [
+    "METHODS", "LOSSES", "SCOPES", "CURVATURES", "VARIANTS", "num_prefix_tokens", "per_image_loss",
+    "score_tokens", "score_heads", "score_components", "Scores", "gate_derivatives", "GateDerivatives",
+    "leave_one_out_tokens", "leave_one_out_heads", "apply_variant", "NonFiniteLossError",
+]
+
+METHODS = ("heart", "heart_hutchinson", "heart_exact", "second_order", "taylor", "fisher", "cls_attention",
+           "norm", "random")
+LOSSES = ("true", "pseudo", "kl")
+SCOPES = ("layer", "global")
+CURVATURES = ("single", "hutchinson", "exact")
+VARIANTS = ("raw", "abs", "clamp")
+_CURVATURE_OF = {"heart": "single", "heart_hutchinson": "hutchinson", "heart_exact": "exact"}
+
+
+class NonFiniteLossError(ValueError):
+    """The loss is NaN/inf for some images; `.images` lists their batch indices."""
+
+    def __init__(self, images: list[int], values: list[float]):
+        self.images = images
+        shown = ", ".join(f"{i} ({v})" for i, v in list(zip(images, values))[:20])
+        super().__init__(f"non-finite loss for {len(images)} image(s) at batch indices: {shown}"
+                         f"{' ...' if len(images) > 20 else ''}; check those inputs (NaN/inf pixels?) "
+                         "and the model's weights")
+
+
+# ---------------------------------------------------------------------------------------------
+# validation and small pure helpers
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} = {value!r}: allowed values are {', '.join(allowed)}")
+
+
+def _check_probes(probes: int) -> None:
+    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+        raise ValueError(f"probes = {probes!r}: must be a positive integer")
+
+
+def _check_images(images: torch.Tensor) -> None:
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a [B, C, H, W] tensor, got {shape}")
+    if images.shape[0] == 0:
+        raise ValueError("images is an empty batch")
+
+
+def _check_labels(loss: str, labels: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    if loss != "true":
+        return None
+    if labels is None:
+        raise ValueError('loss = "true" needs labels (a [B] tensor of class indices); '
+                         'use loss="pseudo" or "kl" when there are none')
+    labels = torch.as_tensor(labels)
+    if labels.shape != (batch,):
+        raise ValueError(f"labels must have shape [{batch}] (one class index per image), got {tuple(labels.shape)}")
+    return labels.long()
+
+
+def per_image_loss(logits: torch.Tensor, loss: str, labels: torch.Tensor | None = None,
+                   reference: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-image loss [B] (float32 or float64). `reference` = unpruned logits (pseudo / kl)."""
+    _check_choice("loss", loss, LOSSES)
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    if loss == "true":
+        return F.cross_entropy(logits, labels.to(logits.device), reduction="none")
+    if reference is None:
+        raise ValueError(f'loss = "{loss}" needs the unpruned reference logits')
+    reference = reference.to(logits.dtype)
+    if loss == "pseudo":
+        return F.cross_entropy(logits, reference.argmax(-1), reduction="none")
+    ref_logp = reference.log_softmax(-1)
+    return (ref_logp.exp() * (ref_logp - logits.log_softmax(-1))).sum(-1)
+
+
+def apply_variant(scores: torch.Tensor, variant: str) -> torch.Tensor:
+    """raw S, |S| or max(S, 0) (negative curvature clamped to zero)."""
+    _check_choice("variant", variant, VARIANTS)
+    if variant == "abs":
+        return scores.abs()
+    if variant == "clamp":
+        return scores.clamp_min(0)
+    return scores
+
+
+@contextlib.contextmanager
+def _fp32_and_explicit_attention(model: nn.Module) -> Iterator[torch.dtype]:
+    """Upcast half/bfloat16 parameters and buffers to fp32 in place, restore them exactly after.
+
+    A bf16/fp16 value is exactly representable in fp32, so the round trip is lossless; no copy of
+    the weights is made. Yields the compute dtype.
+    """
+    low = (torch.float16, torch.bfloat16)
+    changed: list[tuple[torch.Tensor, torch.dtype]] = []
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.dtype in low:
+            changed.append((tensor, tensor.dtype))
+            tensor.data = tensor.data.float()
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    dtype = torch.float64 if dtypes == {torch.float64} else torch.float32
+    try:
+        with non_fused_attention(model):
+            yield dtype
+    finally:
+        for tensor, original in changed:
+            tensor.data = tensor.data.to(original)
+
+
+def _report_non_finite(per_image: torch.Tensor) -> None:
+    bad = (~torch.isfinite(per_image)).nonzero().flatten().tolist()
+    if bad:
+        raise NonFiniteLossError(bad, [float(per_image[i]) for i in bad])
+
+
+# ---------------------------------------------------------------------------------------------
+# derivatives with respect to the gates
+
+
+@dataclass
+class GateDerivatives:
+    """Per-image loss, gate gradient and a gate-curvature estimate for each gate group.
+
+    Groups are keys ("token", layer) -> [B, N] and ("head", layer) -> [B, H].
+    """
+
+    loss: torch.Tensor  # [B] at m = 1
+    grad: dict[tuple[str, int], torch.Tensor]
+    curvature: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    probes: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # Hutchinson: [K, B, ...]
+    estimator: str | None = None
+
+
+def _groups(info, token_layers: tuple[int, ...], head_layers: tuple[int, ...]) -> list[tuple[str, int]]:
+    return [("token", l) for l in token_layers] + [("head", l) for l in head_layers]
+
+
+def _loss_fn(runner: BlockRunner, gates: GateSet, groups: list[tuple[str, int]], loss: str,
+             labels: torch.Tensor | None, start: int):
+    """f(*gate tensors) = Σ_b ℓ_b, running the model from block `start`.
+
+    The pseudo label / KL target is the unpruned output, recorded by the runner without grad.
+    """
+    def fn(*values: torch.Tensor) -> torch.Tensor:
+        for (kind, layer), value in zip(groups, values):
+            (gates.token if kind == "token" else gates.head)[layer] = value
+        logits = runner.logits_from(start)
+        return per_image_loss(logits, loss, labels, runner.logits).sum()
+    return fn
+
+
+def gate_derivatives(model: nn.Module, images: torch.Tensor, *, token_layers: Iterable[int] = (),
+                     head_layers: Iterable[int] = (), loss: str = "pseudo", labels: torch.Tensor | None = None,
+                     curvature_estimator: str | None = "single", probes: int = 8, seed: int = 0,
+                     scope: str = "layer", mode: str = "double_backward", keep_probes: bool = False
+                     ) -> GateDerivatives:
+    """Gradient and diagonal curvature of the summed loss w.r.t. token/head gates at m = 1.
+
+    curvature_estimator: None (gradient only), "single" (all-ones probe; per group with
+    scope="layer", over all groups at once with scope="global"), "hutchinson" (`probes` Rademacher
+    probes over all groups jointly), "exact" (one HVP per component and group, batched over images).
+    mode: "double_backward" or "forward_over_reverse" (see heart_lib.curvature).
+    """
+    _check_images(images)
+    _check_choice("loss", loss, LOSSES)
+    _check_choice("scope", scope, SCOPES)
+    _check_choice("mode", mode, curvature.MODES)
+    if curvature_estimator is not None:
+        _check_choice("curvature_estimator", curvature_estimator, CURVATURES)
+    _check_probes(probes)
+    info = vit_info(model)
+    token_layers = tuple(token_layers)
+    head_layers = tuple(head_layers)
+    tl = check_layers(token_layers, info.depth, "layers") if token_layers else ()
+    hl = check_layers(head_layers, info.depth, "head_layers") if head_layers else ()
+    if not tl and not hl:
+        raise ValueError("no gates requested: give token_layers and/or head_layers")
+    labels = _check_labels(loss, labels, images.shape[0])
+    with _fp32_and_explicit_attention(model) as dtype, \
+            contextlib.ExitStack() as stack:
+        images = images.to(dtype)
+        gates = attach_gates(model, token_layers=tl, head_layers=hl)
+        stack.callback(gates.detach)
+        runner = BlockRunner(model, images)
+        per_image = per_image_loss(runner.logits, loss, labels, runner.logits)
+        _report_non_finite(per_image)
+        batch, tokens = images.shape[0], runner.inputs[0].shape[1] if 0 in runner.inputs else None
+        if tokens is None:
+            raise ValueError("could not read the token count of the model's first block")
+        groups = _groups(info, tl, hl)
+
+        def ones(group):
+            width = tokens if group[0] == "token" else info.num_heads[group[1]]
+            return torch.ones(batch, width, dtype=dtype, device=images.device)
+
+        out = GateDerivatives(loss=per_image.detach(), grad={}, estimator=curvature_estimator)
+        # One operator per group when groups are treated separately (each starts at its own block),
+        # else one operator over all groups from the first gated block.
+        if curvature_estimator in ("single", "exact") and scope == "layer" or curvature_estimator == "exact":
+            plans = [[g] for g in groups]
+        else:
+            plans = [groups]
+        for plan in plans:
+            start = min(layer for _, layer in plan)
+            fn = _loss_fn(runner, gates, plan, loss, labels, start)
+            primals = tuple(ones(g) for g in plan)
+            gates.clear()
+            if curvature_estimator is None:
+                xs = tuple(p.requires_grad_(True) for p in primals)
+                value = fn(*xs)
+                grads = torch.autograd.grad(value, xs)
+                out.grad.update({g: gr.detach() for g, gr in zip(plan, grads)})
+                continue
+            if curvature_estimator == "single":
+                op = curvature.make_operator(fn, primals, mode)
+                hv = op(tuple(torch.ones_like(p) for p in primals))
+                op.release()
+                out.grad.update({g: gr for g, gr in zip(plan, op.grad)})
+                out.curvature.update({g: h.detach() for g, h in zip(plan, hv)})
+            elif curvature_estimator == "hutchinson":
+                diag, _, grad, stacked = curvature.hutchinson_diagonal(fn, primals, probes=probes, seed=seed,
+                                                                       mode=mode, return_probes=True)
+                out.grad.update(dict(zip(plan, grad)))
+                out.curvature.update(dict(zip(plan, diag)))
+                if keep_probes:
+                    out.probes.update(dict(zip(plan, stacked)))
+            else:
+                diag, _, grad = curvature.exact_diagonal(fn, primals, batch_dim=True, mode=mode)
+                out.grad.update(dict(zip(plan, grad)))
+                out.curvature.update(dict(zip(plan, diag)))
+        gates.clear()
+    for key in list(out.grad):  # a NaN gradient with a finite loss is still worth naming
+        finite = torch.isfinite(out.grad[key]).flatten(1).all(1)
+        if key in out.curvature:
+            finite &= torch.isfinite(out.curvature[key]).flatten(1).all(1)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero().flatten().tolist()
+            raise NonFiniteLossError(bad, [float(out.loss[i]) for i in bad])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# heuristic scores (no derivatives)
+
+
+@torch.no_grad()
+def _recordings(model: nn.Module, images: torch.Tensor, token_layers: tuple[int, ...],
+                head_layers: tuple[int, ...]) -> GateSet:
+    with _fp32_and_explicit_attention(model) as dtype:
+        gates = attach_gates(model, token_layers=token_layers, head_layers=head_layers, record=True)
+        try:
+            model(images.to(dtype))
+        finally:
+            gates.detach()
+    return gates
+
+
+def _token_cls_attention(attn: torch.Tensor, has_class_token: bool) -> torch.Tensor:
+    """[B, H, N, N] -> [B, N]: attention the class token pays to each token, mean over heads."""
+    if has_class_token:
+        return attn[:, :, 0, :].mean(1)
+    return attn.mean(2).mean(1)  # no class token (e.g. global-pool register models): mean over queries
+
+
+def _head_cls_attention(attn: torch.Tensor, has_class_token: bool) -> torch.Tensor:
+    """[B, H, N, N] -> [B, H]: negative entropy of the class token's attention (focused heads high)."""
+    rows = attn[:, :, 0, :] if has_class_token else attn.mean(2)
+    return (rows * rows.clamp_min(1e-30).log()).sum(-1)
+
+
+def _random(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(shape, generator=generator)
+
+
+# ---------------------------------------------------------------------------------------------
+# public scoring API
+
+
+@dataclass
+class Scores:
+    """tokens: layer -> [B, N] (prefix tokens included; never prune them); heads: [B, L, H] or None."""
+
+    tokens: dict[int, torch.Tensor]
+    heads: torch.Tensor | None
+    num_prefix_tokens: int
+    method: str
+
+
+def score_components(model: nn.Module, images: torch.Tensor, *, layers: Iterable[int] | None = (),
+                     heads: bool = True, method: str = "heart", loss: str = "pseudo",
+                     labels: torch.Tensor | None = None, probes: int = 8, seed: int = 0, scope: str = "layer",
+                     curvature: str = "hutchinson", variant: str = "raw", mode: str = "double_backward"
+                     ) -> Scores:
+    """Token scores at `layers` and (if `heads`) head scores at every block, from shared passes.
+
+    With method="heart", scope="global" this is a single HVP for everything requested.
+    `curvature` selects the H_cc estimate inside method="second_order" ("single", "hutchinson",
+    "exact"); `variant` ("raw", "abs", "clamp") transforms the curvature of the heart* methods.
+    """
+    _check_choice("method", method, METHODS)
+    _check_choice("variant", variant, VARIANTS)
+    _check_choice("curvature", curvature, CURVATURES)
+    _check_images(images)
+    info = vit_info(model)
+    if layers is not None and not isinstance(layers, int):
+        layers = tuple(layers)
+    token_layers = check_layers(layers, info.depth, "layers") if layers != () else ()
+    head_layers = tuple(range(info.depth)) if heads else ()
+    if not token_layers and not head_layers:
+        raise ValueError("nothing to score: give layers and/or heads=True")
+    batch = images.shape[0]
+
+    if method in ("cls_attention", "norm", "random"):
+        _check_labels(loss, labels, batch)  # same contract as the derivative methods
+        if method == "random":
+            generator = torch.Generator().manual_seed(seed)
+            n_tokens = _token_count(model, images)
+            tok = {l: _random((batch, n_tokens), generator) for l in token_layers}
+            hd = [_random((batch, info.num_heads[l]), generator) for l in head_layers]
+        else:
+            rec = _recordings(model, images, token_layers, head_layers)
+            if method == "norm":
+                tok = {l: rec.tokens[l].float().norm(dim=-1) for l in token_layers}
+                hd = [rec.heads[l].float().transpose(1, 2).flatten(2).norm(dim=-1) for l in head_layers]
+            else:
+                missing = [l for l in set(token_layers) | set(head_layers) if l not in rec.attention]
+                if missing:
+                    raise ValueError(f"cls_attention: no attention probabilities recorded for blocks {missing} "
+                                     "(the model's attention does not expose timm's attn_drop on its explicit path)")
+                tok = {l: _token_cls_attention(rec.attention[l].float(), info.has_class_token) for l in token_layers}
+                hd = [_head_cls_attention(rec.attention[l].float(), info.has_class_token) for l in head_layers]
+        return Scores(tok, _stack_heads(hd) if heads else None, info.num_prefix_tokens, method)
+
+    estimator = {"taylor": None, "fisher": None, "second_order": curvature}.get(method, _CURVATURE_OF.get(method))
+    deriv = gate_derivatives(model, images, token_layers=token_layers, head_layers=head_layers, loss=loss,
+                             labels=labels, curvature_estimator=estimator, probes=probes, seed=seed, scope=scope,
+                             mode=mode)
+
+    def score(key):
+        g = deriv.grad[key]
+        if method == "taylor":
+            return g.abs()
+        if method == "fisher":
+            return g.square()
+        if method == "second_order":
+            return -g + 0.5 * deriv.curvature[key]
+        return apply_variant(deriv.curvature[key], variant)
+
+    tok = {l: score(("token", l)).detach().cpu() for l in token_layers}
+    hd = [score(("head", l)).detach().cpu() for l in head_layers]
+    return Scores(tok, _stack_heads(hd) if heads else None, info.num_prefix_tokens, method)
+
+
+def _token_count(model: nn.Module, images: torch.Tensor) -> int:
+    info = vit_info(model)
+    patch = getattr(model, "patch_embed", None)
+    if patch is not None and hasattr(patch, "num_patches") and getattr(patch, "dynamic_img_size", False) is False:
+        return int(patch.num_patches) + info.num_prefix_tokens
+    rec = _recordings(model, images[:1], (0,), ())
+    return rec.tokens[0].shape[1]
+
+
+def _stack_heads(per_layer: list[torch.Tensor]) -> torch.Tensor:
+    width = max(t.shape[1] for t in per_layer)
+    if all(t.shape[1] == width for t in per_layer):
+        return torch.stack(per_layer, 1)
+    # Blocks with fewer heads (an already head-pruned model): pad with NaN, never a fake score.
+    out = torch.full((per_layer[0].shape[0], len(per_layer), width), float("nan"))
+    for i, t in enumerate(per_layer):
+        out[:, i, : t.shape[1]] = t
+    return out
+
+
+def score_tokens(model: nn.Module, images: torch.Tensor, *, layers: Iterable[int], method: str,
+                 loss: str = "pseudo", labels: torch.Tensor | None = None, probes: int = 8, seed: int = 0,
+                 **options) -> dict[int, torch.Tensor]:
+    """Per-image token scores at the inputs of blocks `layers`: {layer: Tensor[B, N]}.
+
+    N includes the `num_prefix_tokens(model)` leading prefix tokens (class, distillation,
+    register): they are scored for completeness but callers must never prune them.
+    Higher = more important. Extra options: scope, curvature, variant, mode (see score_components).
+    """
+    if layers is None:
+        raise ValueError("layers must name the blocks whose input tokens are scored (e.g. [3, 6, 9])")
+    layers = tuple(layers) if not isinstance(layers, int) else (layers,)
+    if not layers:
+        raise ValueError("layers is empty: name at least one block index")
+    return score_components(model, images, layers=layers, heads=False, method=method, loss=loss, labels=labels,
+                            probes=probes, seed=seed, **options).tokens
+
+
+def score_heads(model: nn.Module, images: torch.Tensor, *, method: str, loss: str = "pseudo",
+                labels: torch.Tensor | None = None, probes: int = 8, seed: int = 0, **options) -> torch.Tensor:
+    """Per-image head scores for every block: Tensor[B, L, H] (higher = more important).
+
+    Average over images (dim 0) for a static, per-model head ranking. Extra options as score_tokens.
+    """
+    return score_components(model, images, layers=(), heads=True, method=method, loss=loss, labels=labels,
+                            probes=probes, seed=seed, **options).heads
+
+
+# ---------------------------------------------------------------------------------------------
+# leave-one-out ground truth
+
+
+def _loo(model: nn.Module, images: torch.Tensor, kind: str, layers: tuple[int, ...], loss: str,
+         labels: torch.Tensor | None, indices: dict[int, list[int]] | None, chunk: int) -> dict[int, torch.Tensor]:
+    info = vit_info(model)
+    batch = images.shape[0]
+    with _fp32_and_explicit_attention(model) as dtype, torch.no_grad():
+        images = images.to(dtype)
+        gates = attach_gates(model, token_layers=layers if kind == "token" else (),
+                             head_layers=layers if kind == "head" else ())
+        try:
+            runner = BlockRunner(model, images)
+            base = per_image_loss(runner.logits, loss, labels, runner.logits)
+            _report_non_finite(base)
+            n_tokens = runner.inputs[0].shape[1]
+            rep_labels = None
+            out = {}
+            for layer in layers:
+                width = n_tokens if kind == "token" else info.num_heads[layer]
+                todo = list(range(width)) if indices is None else list(indices.get(layer, []))
+                result = torch.full((batch, width), float("nan"))
+                for first in range(0, len(todo), chunk):
+                    comps = todo[first:first + chunk]
+                    r = len(comps)
+                    gate = torch.ones(r, batch, width, dtype=dtype, device=images.device)
+                    for j, c in enumerate(comps):
+                        gate[j, :, c] = 0
+                    gates.clear()
+                    (gates.token if kind == "token" else gates.head)[layer] = gate.flatten(0, 1)
+                    logits = runner.logits_from(layer, repeat=r)
+                    if loss == "true":
+                        rep_labels = labels.repeat(r)
+                    changed = per_image_loss(logits, loss, rep_labels, runner.logits.repeat(r, 1))
+                    delta = changed.view(r, batch) - base.unsqueeze(0)
+                    for j, c in enumerate(comps):
+                        result[:, c] = delta[j].cpu()
+                out[layer] = result
+        finally:
+            gates.detach()
+    return out
+
+
+def leave_one_out_tokens(model: nn.Module, images: torch.Tensor, *, layers: Iterable[int], loss: str = "pseudo",
+                         labels: torch.Tensor | None = None, tokens: dict[int, list[int]] | None = None,
+                         chunk: int = 8) -> dict[int, torch.Tensor]:
+    """Actual loss change ΔL per image when one token is removed at a block input: {layer: [B, N]}.
+
+    Removal = gate 0 on that token's residual stream at the input of block `layer` (the same
+    perturbation δ = −z_c the scores approximate). `tokens` optionally restricts which token
+    indices are evaluated per layer (others are NaN). `chunk` components are evaluated per forward
+    by stacking the batch. Loss as in the scores; the reference is the unpruned output.
+    """
+    _check_images(images)
+    _check_choice("loss", loss, LOSSES)
+    info = vit_info(model)
+    layers = check_layers(tuple(layers) if not isinstance(layers, int) else layers, info.depth, "layers")
+    labels = _check_labels(loss, labels, images.shape[0])
+    if chunk < 1:
+        raise ValueError(f"chunk = {chunk}: must be a positive integer")
+    return _loo(model, images, "token", layers, loss, labels, tokens, chunk)
+
+
+def leave_one_out_heads(model: nn.Module, images: torch.Tensor, *, loss: str = "pseudo",
+                        labels: torch.Tensor | None = None, chunk: int = 8) -> torch.Tensor:
+    """Actual loss change ΔL per image when one head's output is zeroed: Tensor[B, L, H]."""
+    _check_images(images)
+    _check_choice("loss", loss, LOSSES)
+    info = vit_info(model)
+    labels = _check_labels(loss, labels, images.shape[0])
+    if chunk < 1:
+        raise ValueError(f"chunk = {chunk}: must be a positive integer")
+    per_layer = _loo(model, images, "head", tuple(range(info.depth)), loss, labels, None, chunk)
+    return _stack_heads([per_layer[l] for l in range(info.depth)])
