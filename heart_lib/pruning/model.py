@@ -1,0 +1,269 @@
+"""A physically pruned timm ViT/DeiT: tokens gathered away at chosen layers, heads sliced out.
+
+`prune(model, config)` deep-copies the model (the original stays untouched), slices the removed
+heads out of the copy's weights, and wraps it in `PrunedViT`, whose forward runs the copy's own
+submodules (patch embedding, blocks, norm, head) and reduces tokens between them. Blocks without
+a reduction run through timm's own `Block.forward` (fused attention included); EViT/ToMe blocks
+call the block's submodules in two halves so the reduction sits between attention and MLP, as in
+their papers.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+
+from heart_lib.pruning.config import (ORACLE_SELECTORS, PEER_METHODS, PruningConfig, kept_tokens)
+from heart_lib.pruning.heads import check_sliceable, slice_heads
+from heart_lib.pruning.peers import evit_reduce, mean_keys, tome_merge
+from heart_lib.pruning.selectors import (TokenGateSet, capture_output, cls_attention_from_qkv, gather_scores,
+                                         norm_scores, random_scores)
+
+# Score provider for the HEART oracle: (model, images, layers) -> {layer: [B, N] scores}.
+OracleFn = Callable[[nn.Module, torch.Tensor, tuple[int, ...]], Mapping[int, torch.Tensor]]
+
+
+def check_model(model: nn.Module) -> None:
+    """Raise ValueError unless `model` is a timm VisionTransformer with standard blocks and attention."""
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"pruning supports timm VisionTransformer models (ViT, DeiT), got {type(model).__name__}")
+    for i, block in enumerate(model.blocks):
+        if type(block) is not Block:
+            raise ValueError(f"block {i} is a {type(block).__name__}; pruning supports timm's standard Block")
+        check_sliceable(block.attn, where=f"block {i} attention")
+
+
+def predicted_loss_from_heart(scores: torch.Tensor) -> torch.Tensor:
+    """Predicted loss increase of removing each token from its HEART curvature S: ½·max(S, 0).
+
+    The gradient term is dropped (as HEART does); negative curvature is clamped so no removal is
+    ever predicted to lower the loss.
+    """
+    return 0.5 * scores.clamp(min=0)
+
+
+@dataclass
+class TokenState:
+    """Tokens between blocks: values, original positions (-1 = fused) and ToMe sizes."""
+
+    x: torch.Tensor
+    index: torch.Tensor
+    size: torch.Tensor | None = None
+
+
+@dataclass
+class ForwardRecord:
+    """What the last forward ran: tokens per block (attention, MLP) for each input, oracle time."""
+
+    counts: list[list[tuple[int, int]]] = field(default_factory=list)  # per input: per block
+    oracle_seconds: float = 0.0
+    kept_index: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, n] original positions
+
+
+class PrunedViT(nn.Module):
+    """A pruned copy of a timm ViT. Call it like the model; `record` says what ran last time."""
+
+    def __init__(self, model: VisionTransformer, config: PruningConfig, gate: TokenGateSet | None = None,
+                 oracle: OracleFn | None = None, keep_index: bool = False):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.prefix = int(model.num_prefix_tokens)
+        self.gate = gate
+        self._oracle = oracle
+        self.keep_index = keep_index
+        self.record = ForwardRecord()
+        self._generator = torch.Generator().manual_seed(config.seed)
+        self._keep = config.keep_map
+        self._drop_layers = tuple(l for l in config.layers if config.selector not in PEER_METHODS)
+        # Blocks whose class-token attention the next block's selection needs.
+        self._cls_source = {l - 1 for l in self._drop_layers} if config.selector == "cls_attention" else set()
+        if config.selector == "gate" and config.layers:
+            missing = [l for l in config.layers if str(l) not in gate.gates]
+            if missing:
+                raise ValueError(f"the token gate has no layers {missing} (trained for {gate.layers})")
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def num_patches(self) -> int:
+        return int(self.model.patch_embed.num_patches)
+
+    def extra_repr(self) -> str:
+        return f"config={self.config.to_string()!r}"
+
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
+
+    def oracle_scores(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
+        """HEART scores per original token position for the drop layers, from the head-sliced,
+        unpruned model (scores are computed once per input, not re-computed as tokens vanish)."""
+        if self._oracle is not None:
+            fn = self._oracle
+        else:
+            from heart_lib import sensitivity  # the sensitivity engine (another module's job)
+
+            def fn(model, imgs, layers):
+                return sensitivity.score_tokens(model, imgs, layers=list(layers), method=self.config.selector,
+                                                loss="pseudo", probes=self.config.probes, seed=self.config.seed)
+        with torch.enable_grad():
+            scores = fn(self.model, images, self._drop_layers)
+        return {int(k): v.detach() for k, v in scores.items()}
+
+    def _scores(self, layer: int, state: TokenState, context: dict[str, Any]) -> torch.Tensor:
+        selector = self.config.selector
+        if selector == "norm":
+            return norm_scores(state.x)
+        if selector == "random":
+            return random_scores(state.x, self._generator)
+        if selector == "cls_attention":
+            return context.pop("cls_attn")
+        if selector == "gate":
+            return self.gate(layer, state.x)
+        if selector in ORACLE_SELECTORS:
+            return gather_scores(context["oracle"][layer], state.index)
+        raise AssertionError(selector)
+
+    def _reduces(self, layer: int, n_body: int) -> bool:
+        """Whether the drop at `layer` removes tokens (else no scores are computed at all)."""
+        if self.config.per_input_budget is not None:
+            return True
+        return kept_tokens(n_body, self._keep[layer], self.config.selector, self.config.fuse) < n_body
+
+    def _drop(self, layer: int, state: TokenState, context: dict[str, Any]) -> TokenState:
+        p = self.prefix
+        n_body = state.x.shape[1] - p
+        if not self._reduces(layer, n_body):
+            return state
+        scores = self._scores(layer, state, context)[:, p:]
+        cfg = self.config
+        if cfg.per_input_budget is not None:
+            # Batch size 1: the fewest kept tokens whose dropped tokens' predicted loss fits the budget.
+            if state.x.shape[0] != 1:
+                raise AssertionError("per-input budgets run one input at a time")
+            floor = kept_tokens(n_body, self._keep[layer], "drop")
+            loss = predicted_loss_from_heart(scores[0])
+            ordered = loss.sort().values.cumsum(0)
+            share = cfg.per_input_budget / len(self._drop_layers)
+            droppable = int((ordered <= share).sum())
+            keep = max(floor, n_body - droppable)
+        else:
+            keep = kept_tokens(n_body, self._keep[layer], "drop")
+        if keep >= n_body:
+            return state
+        order = scores.argsort(dim=1, descending=True)
+        top, rest = order[:, :keep] + p, order[:, keep:] + p
+        x = state.x.gather(1, top.unsqueeze(-1).expand(-1, -1, state.x.shape[-1]))
+        index = state.index.gather(1, top)
+        parts, idx_parts = [state.x[:, :p], x], [state.index[:, :p], index]
+        if cfg.fuse:
+            # EViT's fused token, here weighted by the selector's own (softmax-normalised) scores.
+            w = scores.gather(1, rest - p).float().softmax(dim=1).unsqueeze(-1)
+            dropped = state.x.gather(1, rest.unsqueeze(-1).expand(-1, -1, state.x.shape[-1]))
+            parts.append((dropped * w).sum(dim=1, keepdim=True))
+            idx_parts.append(torch.full_like(index[:, :1], -1))
+        return TokenState(torch.cat(parts, dim=1), torch.cat(idx_parts, dim=1), state.size)
+
+    def _run_block(self, layer: int, block: Block, state: TokenState, context: dict[str, Any]) -> TokenState:
+        selector = self.config.selector
+        n_body = state.x.shape[1] - self.prefix
+        peer = (selector in PEER_METHODS and layer in self._keep
+                and kept_tokens(n_body, self._keep[layer], selector) < n_body)
+        want_cls = layer in self._cls_source and self._reduces(layer + 1, n_body)
+        need_qkv = peer or want_cls
+        store: dict[str, torch.Tensor] = {}
+        handle = capture_output(block.attn.qkv, store, "qkv") if need_qkv else None
+        try:
+            mask = None
+            if state.size is not None:
+                # ToMe's proportional attention: a merged token counts as `size` keys.
+                mask = state.size.log()[:, None, None, :].to(state.x.dtype)
+            if not peer:
+                x = block(state.x, attn_mask=mask) if mask is not None else block(state.x)
+                if want_cls:
+                    context["cls_attn"] = cls_attention_from_qkv(store["qkv"], block.attn)
+                return TokenState(x, state.index, state.size)
+            x = state.x + block.drop_path1(block.ls1(block.attn(block.norm1(state.x), attn_mask=mask)))
+        finally:
+            if handle is not None:
+                handle.remove()
+        target = kept_tokens(n_body, self._keep[layer], selector)
+        if selector == "evit":
+            cls_attn = cls_attention_from_qkv(store["qkv"], block.attn)
+            x, index = evit_reduce(x, state.index, cls_attn, self.prefix, target - 1)
+            size = state.size
+        else:
+            size = state.size if state.size is not None else torch.ones(x.shape[:2], dtype=x.dtype, device=x.device)
+            keys = mean_keys(store["qkv"], block.attn.num_heads, block.attn.head_dim, block.attn.k_norm)
+            x, index, size = tome_merge(x, state.index, size, keys, self.prefix, n_body - target)
+        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        return TokenState(x, index, size)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward_features(self, images: torch.Tensor, oracle: Mapping[int, torch.Tensor] | None = None
+                         ) -> torch.Tensor:
+        x = self._embed(images)
+        b, n, _ = x.shape
+        index = torch.arange(n, device=x.device).expand(b, n)
+        state = TokenState(x, index)
+        context: dict[str, Any] = {"oracle": oracle}
+        counts = []
+        for layer, block in enumerate(self.model.blocks):
+            if layer in self._drop_layers:
+                state = self._drop(layer, state, context)
+                if self.keep_index:
+                    self.record.kept_index[layer] = state.index
+            n_attn = state.x.shape[1]
+            state = self._run_block(layer, block, state, context)
+            counts.append((n_attn, state.x.shape[1]))
+        self.record.counts.extend([counts] * b)
+        return self.model.norm(state.x)
+
+    def forward(self, images: torch.Tensor, oracle: Mapping[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits. `oracle`: precomputed HEART scores {layer: [B, N]} (else computed here, timed)."""
+        self.record = ForwardRecord()
+        if self.config.selector in ORACLE_SELECTORS and self._drop_layers and oracle is None:
+            start = time.perf_counter()
+            oracle = self.oracle_scores(images)
+            self.record.oracle_seconds = time.perf_counter() - start
+        if self.config.per_input_budget is not None and images.shape[0] > 1:
+            # Per-input budgets give each input its own token counts: run inputs one at a time.
+            outs = []
+            for i in range(images.shape[0]):
+                one = {k: v[i:i + 1] for k, v in oracle.items()}
+                outs.append(self.model.forward_head(self.forward_features(images[i:i + 1], one)))
+            return torch.cat(outs)
+        return self.model.forward_head(self.forward_features(images, oracle))
+
+
+def prune(model: nn.Module, config: PruningConfig | str, *, gate: TokenGateSet | None = None,
+          oracle: OracleFn | None = None, keep_index: bool = False) -> PrunedViT:
+    """A pruned copy of `model` (a timm ViT/DeiT); `model` itself is not modified.
+
+    config: a PruningConfig or its text/file form. gate: the trained token gate (selector="gate";
+    else loaded from config.gate). oracle: a HEART score function (default: heart_lib.sensitivity).
+    """
+    config = PruningConfig.parse(config)
+    check_model(model)
+    depth = len(model.blocks)
+    config.check(depth=depth, num_heads={i: b.attn.num_heads for i, b in enumerate(model.blocks)})
+    if config.selector == "gate" and config.layers and gate is None:
+        gate = TokenGateSet.load(config.gate)
+    if gate is not None and config.selector == "gate":
+        embed = model.embed_dim
+        if gate.dim != embed:
+            raise ValueError(f"the token gate expects {gate.dim}-dim tokens, the model has {embed}")
+    pruned = copy.deepcopy(model)
+    for layer, heads in config.heads:
+        slice_heads(pruned.blocks[layer].attn, heads)
+    return PrunedViT(pruned.eval() if not model.training else pruned, config,
+                     gate=gate if config.selector == "gate" else None, oracle=oracle, keep_index=keep_index).train(model.training)
