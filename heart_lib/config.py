@@ -18,9 +18,8 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from heart_lib.paths import PROJECT_ROOT
+from heart_lib.paths import PROJECT_ROOT, profiles_root
 
-PROFILES_DIR = PROJECT_ROOT / "notebooks" / "profiles"
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 # Run order; the claims summary reads the others' results, so it comes last.
 NOTEBOOK_ORDER = ("baseline", "sensitivity", "pruning", "finetune", "edge", "claims")
@@ -31,12 +30,13 @@ class ConfigError(ValueError):
 
 
 def available_profiles() -> list[str]:
-    return sorted(p.name for p in PROFILES_DIR.iterdir() if p.is_dir()) if PROFILES_DIR.is_dir() else []
+    root = profiles_root()
+    return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
 
 def profile_notebooks(profile: str) -> list[str]:
     """Notebook names the profile runs, in run order."""
-    folder = PROFILES_DIR / profile
+    folder = profiles_root() / profile
     if not folder.is_dir():
         raise ConfigError(
             f"unknown profile {profile!r}; available profiles: {', '.join(available_profiles()) or 'none'}"
@@ -58,7 +58,7 @@ def params_class(notebook: str) -> type:
 
 def raw_profile_params(profile: str, notebook: str) -> dict[str, Any]:
     """The profile's YAML parameters for one notebook, unvalidated."""
-    path = PROFILES_DIR / profile / f"{notebook}.yaml"
+    path = profiles_root() / profile / f"{notebook}.yaml"
     if not path.is_file():
         raise ConfigError(f"profile {profile!r} has no parameters for notebook {notebook!r} ({path})")
     try:

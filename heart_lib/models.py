@@ -16,9 +16,9 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from heart_lib.data import DataError, manifest, mirror_path, verify
+from heart_lib.progress import progress as progress_bar
 from heart_lib.stats import wilson_interval
 
 WEIGHT_SOURCES = ("none", "mirror", "hub", "auto")
@@ -79,13 +79,21 @@ def mirror_weights(name: str) -> Path | None:
 
 
 def _from_file(name: str, path: Path, timm_kwargs: dict[str, Any]) -> torch.nn.Module:
-    model = timm.create_model(name, pretrained=False, **timm_kwargs)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
         raise DataError(f"cannot read weights file {path}: {err}") from err
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # training checkpoints wrap the state_dict
+    if not isinstance(state, dict):
+        raise DataError(f"weights file {path} holds a {type(state).__name__}, not a state_dict")
+    # Build the classifier the checkpoint has (e.g. 10 classes after fine-tuning on CIFAR-10).
+    model = timm.create_model(name, pretrained=False, **timm_kwargs)
+    head = model.pretrained_cfg.get("classifier", "head")
+    head = head[0] if isinstance(head, (tuple, list)) else head
+    classes = state.get(f"{head}.weight", torch.empty(0)).shape[:1]
+    if classes and classes[0] != model.num_classes:
+        model = timm.create_model(name, pretrained=False, num_classes=classes[0], **timm_kwargs)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
@@ -111,7 +119,7 @@ def predict(model: torch.nn.Module, loader: DataLoader, progress: bool = True, d
     model.eval()
     device = next(model.parameters()).device
     logits, labels = [], []
-    for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
+    for images, targets in (progress_bar(loader, desc) if progress else loader):
         logits.append(model(images.to(device)).float().cpu())
         labels.append(torch.as_tensor(targets))
     return torch.cat(logits), torch.cat(labels)

@@ -8,6 +8,17 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = PROJECT_ROOT / "results"
 MANIFEST_DIR = PROJECT_ROOT / "data"
+PROFILES_DIR = PROJECT_ROOT / "notebooks" / "profiles"
+
+
+def results_root() -> Path:
+    """Where results of every profile go (`HEART_RESULTS`, default `results/`)."""
+    return Path(os.environ.get("HEART_RESULTS", RESULTS_DIR)).expanduser()
+
+
+def profiles_root() -> Path:
+    """Where profiles live (`HEART_PROFILES`, default `notebooks/profiles/`)."""
+    return Path(os.environ.get("HEART_PROFILES", PROFILES_DIR)).expanduser()
 
 
 def mirror_dir() -> Path | None:

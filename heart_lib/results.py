@@ -17,12 +17,12 @@ from typing import Any, Iterator
 
 import pandas as pd
 
-from heart_lib.paths import RESULTS_DIR
+from heart_lib.paths import results_root
 
 
 def results_dir(profile: str, *parts: str) -> Path:
     """`results/<profile>/<parts...>`, created."""
-    path = RESULTS_DIR.joinpath(profile, *parts)
+    path = results_root().joinpath(profile, *parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

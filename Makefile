@@ -1,0 +1,62 @@
+# The verbs of the study. `make book` and `make test` do everything on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PROFILE ?= default
+JOBS ?= 1
+STAMP := $(VENV)/.installed
+
+.PHONY: help env data mathjax browser results book test lock clean-book
+
+help:
+	@echo "make book     environment + data + notebooks for PROFILE=$(PROFILE) + rendered book (book/_build/html)"
+	@echo "make test     the test suite (pytest)"
+	@echo "make env      the pinned virtual environment in $(VENV) (a no-op when up to date)"
+	@echo "make results  execute the notebooks of PROFILE into results/PROFILE/"
+
+# One pip resolve of the exact pins: torch 2.13.0 with timm/torchvision in the same call, so no CUDA
+# packages are pulled on CPU machines.
+env: $(STAMP)
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	$(PY) -c "import heart_lib, timm, torchvision; print('environment ok: torch', __import__('torch').__version__, 'timm', timm.__version__)"
+	touch $@
+
+# Re-resolve requirements.in into the exact pins of requirements.txt (maintainers only).
+lock:
+	rm -rf build/lock-venv && $(PYTHON) -m venv build/lock-venv
+	build/lock-venv/bin/pip install --quiet -r requirements.in
+	build/lock-venv/bin/pip freeze | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' > requirements.txt
+
+data: env
+	$(PY) -m heart_lib data
+
+# MathJax 3 served from the book itself (the default comes from a CDN, unreachable offline).
+MATHJAX := build/npm/node_modules/mathjax/es5/tex-chtml.js
+mathjax: $(MATHJAX)
+$(MATHJAX):
+	mkdir -p build/npm
+	cd build/npm && npm install --no-audit --no-fund --silent --prefix . mathjax@3 >/dev/null
+	test -f $@
+
+# Headless Chromium for the browser test (Debian/Ubuntu package; needs root or sudo).
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
+	    (sudo apt-get update -qq && sudo apt-get install -y -qq chromium >/dev/null) || \
+	    echo "could not install chromium: the browser test will be skipped"; }
+
+results: env data
+	$(PY) -m heart_lib run --profile $(PROFILE) -j $(JOBS)
+
+book: results mathjax
+	$(PY) -m heart_lib book --profile $(PROFILE)
+
+test: env mathjax browser
+	$(PY) -m pytest -q
+
+clean-book:
+	rm -rf book/_build build/book-*

@@ -1,0 +1,93 @@
+"""`python -m heart_lib <command>`: run a profile's notebooks, build the book, check data, measure."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from heart_lib import config
+from heart_lib.data import DataError
+
+
+def _run(args: argparse.Namespace) -> int:
+    from heart_lib import runner
+
+    outcomes = runner.run_profile(args.profile, jobs=args.jobs, force=args.force, only=args.only or None)
+    executed = [o for o in outcomes if o.status == "executed"]
+    print(f"profile {args.profile}: {len(executed)} executed, {len(outcomes) - len(executed)} up to date")
+    return 0
+
+
+def _book(args: argparse.Namespace) -> int:
+    from heart_lib import book
+
+    book.build(args.profile, force=args.force)
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    """Resolve and verify everything a profile's default data needs (extracting archives once)."""
+    from heart_lib import data, models
+
+    for name in args.datasets:
+        dataset = data.image_dataset(name)
+        print(f"{name}: {len(dataset)} images ok")
+    for name in args.weights:
+        path = models.mirror_weights(name)
+        print(f"{name} weights: {path if path else 'not in the mirror (the timm hub will be used)'}")
+    return 0
+
+
+def _measure(args: argparse.Namespace) -> int:
+    from heart_lib.measure import cli as measure_cli
+
+    return measure_cli.main(args)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="python -m heart_lib", description=__doc__)
+    sub = top.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="execute a profile's notebooks into results/<profile>/")
+    run.add_argument("--profile", default="default")
+    run.add_argument("-j", "--jobs", type=int, default=1, help="notebooks executed at once")
+    run.add_argument("--force", action="store_true", help="re-execute even when up to date")
+    run.add_argument("--only", nargs="*", help="only these notebooks")
+    run.set_defaults(func=_run)
+
+    bk = sub.add_parser("book", help="render the book from a profile's executed notebooks")
+    bk.add_argument("--profile", default="default")
+    bk.add_argument("--force", action="store_true")
+    bk.set_defaults(func=_book)
+
+    dt = sub.add_parser("data", help="resolve and verify data and weights")
+    dt.add_argument("--datasets", nargs="*", default=["imagenet-val-1300", "imagenet-sample-1000", "cifar10-test"])
+    dt.add_argument("--weights", nargs="*", default=["deit_tiny_patch16_224"])
+    dt.set_defaults(func=_data)
+
+    try:
+        from heart_lib.measure import cli as measure_cli
+    except ImportError:
+        measure_cli = None
+    if measure_cli is not None:
+        ms = sub.add_parser("measure", help="latency, throughput, memory and energy of a model on this device")
+        measure_cli.add_arguments(ms)
+        ms.set_defaults(func=_measure)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (config.ConfigError, DataError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - runner and book errors carry their own messages
+        from heart_lib.book import BookError
+        from heart_lib.runner import NotebookFailed
+
+        if isinstance(err, (NotebookFailed, BookError)):
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        raise

@@ -1,0 +1,141 @@
+"""Execute a profile's notebooks with papermill, re-running only what changed.
+
+A notebook's *key* is a digest of everything its output depends on: the notebook source, its
+parameters, the library's source and the pinned packages (the claims summary also depends on the
+other notebooks' keys, since it reads their results). An executed notebook is stored as
+`results/<profile>/<name>.ipynb` with its key in the metadata; it is re-executed only when the key
+changes. Each executed notebook is written atomically, so an interrupted run resumes where it left off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import nbformat
+
+from heart_lib import config
+from heart_lib.provenance import library_digest, requirements_digest
+from heart_lib.results import atomic_path, results_dir, write_json
+
+KERNEL = "python3"
+
+
+class NotebookFailed(RuntimeError):
+    """A notebook raised during execution; the message names the notebook and the cell."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    notebook: str
+    status: str  # "executed" | "cached"
+    seconds: float
+    path: Path
+
+
+def notebook_key(profile: str, name: str, upstream: tuple[str, ...] = ()) -> str:
+    """Digest of what the executed notebook depends on."""
+    h = hashlib.sha256()
+    for part in (
+        profile,
+        name,
+        (config.NOTEBOOKS_DIR / f"{name}.ipynb").read_bytes().decode(),
+        json.dumps(config.raw_profile_params(profile, name), sort_keys=True),
+        library_digest(),
+        requirements_digest(),
+        *upstream,
+    ):
+        h.update(part.encode() + b"\0")
+    return h.hexdigest()
+
+
+def stored_key(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    try:
+        return nbformat.read(path, as_version=4).metadata.get("heart", {}).get("key")
+    except Exception:  # noqa: BLE001 - an unreadable notebook is simply not a valid cache entry
+        return None
+
+
+def execute(profile: str, name: str, key: str) -> Path:
+    """Run one notebook through papermill into results/<profile>/<name>.ipynb (atomically)."""
+    import papermill
+
+    target = results_dir(profile) / f"{name}.ipynb"
+    parameters = {"profile": profile, **config.raw_profile_params(profile, name)}
+    with atomic_path(target) as tmp:
+        tmp_nb = tmp.with_suffix(".ipynb")
+        try:
+            papermill.execute_notebook(
+                str(config.NOTEBOOKS_DIR / f"{name}.ipynb"), str(tmp_nb), parameters=parameters,
+                kernel_name=KERNEL, cwd=str(config.NOTEBOOKS_DIR), progress_bar=False, log_output=False,
+            )
+        except papermill.PapermillExecutionError as err:
+            failed = results_dir(profile) / f"{name}.failed.ipynb"
+            if tmp_nb.exists():
+                tmp_nb.replace(failed)
+            raise NotebookFailed(
+                f"notebook {name!r} (profile {profile!r}) failed in cell {err.exec_count}: "
+                f"{err.ename}: {err.evalue}\n  executed copy for inspection: {failed}") from err
+        nb = nbformat.read(tmp_nb, as_version=4)
+        nb.metadata["heart"] = {"key": key, "profile": profile, "notebook": name}
+        nbformat.write(nb, tmp)
+        tmp_nb.unlink(missing_ok=True)
+    (results_dir(profile) / f"{name}.failed.ipynb").unlink(missing_ok=True)
+    return target
+
+
+def run_profile(profile: str, jobs: int = 1, force: bool = False, only: list[str] | None = None,
+                log=print) -> list[Outcome]:
+    """Execute the profile's notebooks that are out of date; the claims summary runs last."""
+    names = config.profile_notebooks(profile)
+    if only:
+        unknown = sorted(set(only) - set(names))
+        if unknown:
+            raise config.ConfigError(f"profile {profile!r} has no notebook(s) {unknown}; it has {names}")
+    for name in names:  # validate every parameter before any compute
+        config.load_params(profile, name)
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
+    selected = [n for n in names if not only or n in only]
+    first = [n for n in selected if n != "claims"]
+    keys = {n: notebook_key(profile, n) for n in names if n != "claims"}
+    if "claims" in names:
+        keys["claims"] = notebook_key(profile, "claims", tuple(keys[n] for n in sorted(keys)))
+
+    def one(name: str) -> Outcome:
+        path = results_dir(profile) / f"{name}.ipynb"
+        if not force and stored_key(path) == keys[name]:
+            log(f"[{profile}] {name}: up to date")
+            return Outcome(name, "cached", 0.0, path)
+        log(f"[{profile}] {name}: executing ...")
+        start = time.perf_counter()
+        execute(profile, name, keys[name])
+        seconds = time.perf_counter() - start
+        log(f"[{profile}] {name}: done in {seconds:.0f} s")
+        return Outcome(name, "executed", seconds, path)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        outcomes = list(pool.map(one, first))
+    if "claims" in selected:
+        outcomes.append(one("claims"))
+    record_timings(profile, outcomes)
+    return outcomes
+
+
+def record_timings(profile: str, outcomes: list[Outcome]) -> None:
+    """Keep the latest execution time of each notebook in results/<profile>/timings.json."""
+    path = results_dir(profile) / "timings.json"
+    try:
+        timings = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        timings = {}
+    for outcome in outcomes:
+        if outcome.status == "executed":
+            timings[outcome.notebook] = round(outcome.seconds, 1)
+    write_json(path, timings)
