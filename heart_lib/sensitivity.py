@@ -413,7 +413,7 @@ def _stack_heads(per_layer: list[torch.Tensor]) -> torch.Tensor:
     if all(t.shape[1] == width for t in per_layer):
         return torch.stack(per_layer, 1)
     # Blocks with fewer heads (an already head-pruned model): pad with NaN, never a fake score.
-    out = torch.full((per_layer[0].shape[0], len(per_layer), width), float("nan"))
+    out = torch.full((per_layer[0].shape[0], len(per_layer), width), float("nan"), dtype=per_layer[0].dtype)
     for i, t in enumerate(per_layer):
         out[:, i, : t.shape[1]] = t
     return out
@@ -469,7 +469,7 @@ def _loo(model: nn.Module, images: torch.Tensor, kind: str, layers: tuple[int, .
             for layer in layers:
                 width = n_tokens if kind == "token" else info.num_heads[layer]
                 todo = list(range(width)) if indices is None else list(indices.get(layer, []))
-                result = torch.full((batch, width), float("nan"))
+                result = torch.full((batch, width), float("nan"), dtype=dtype)
                 for first in range(0, len(todo), chunk):
                     comps = todo[first:first + chunk]
                     r = len(comps)

@@ -1,0 +1,302 @@
+"""Scores against the exact gate Hessian of a tiny random ViT (fp64), batch independence,
+finite differences, leave-one-out, and bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from heart_lib import gates as G
+from heart_lib import sensitivity as S
+from heart_lib._compat import non_fused_attention
+
+TOKEN_LAYERS = (0, 2)
+B, N, HEADS, DEPTH = 2, 17, 2, 3
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(dtype=torch.float64, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=DEPTH, embed_dim=32,
+                              num_heads=HEADS, num_classes=10).eval().to(dtype)
+    # timm initialises the classifier at zero; a random head gives non-degenerate curvature.
+    with torch.no_grad():
+        model.head.weight.normal_(0, 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def problem():
+    """Model, images and the exact Hessian of the summed loss w.r.t. every gate (fp64)."""
+    torch.set_num_threads(1)
+    model = tiny()
+    images = torch.randn(B, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        target = model(images).argmax(-1)  # pseudo-label of the unpruned model
+    sizes = [B * N] * len(TOKEN_LAYERS) + [B * HEADS] * DEPTH
+    gates = G.attach_gates(model, token_layers=TOKEN_LAYERS, head_layers=range(DEPTH))
+
+    def loss_of(flat):
+        parts = flat.split(sizes)
+        for i, layer in enumerate(TOKEN_LAYERS):
+            gates.token[layer] = parts[i].view(B, N)
+        for layer in range(DEPTH):
+            gates.head[layer] = parts[len(TOKEN_LAYERS) + layer].view(B, HEADS)
+        return F.cross_entropy(model(images), target, reduction="sum")
+
+    ones = torch.ones(sum(sizes), dtype=torch.float64)
+    with non_fused_attention(model):
+        hess = torch.autograd.functional.hessian(loss_of, ones)
+        grad = torch.autograd.functional.jacobian(loss_of, ones)
+    gates.detach()
+
+    # Index helpers: which flat positions are group `key`, image b.
+    offsets, start = {}, 0
+    keys = [("token", l) for l in TOKEN_LAYERS] + [("head", l) for l in range(DEPTH)]
+    for key, size in zip(keys, sizes):
+        offsets[key] = (start, size // B)
+        start += size
+
+    def block(key, b):
+        first, width = offsets[key]
+        return slice(first + b * width, first + (b + 1) * width)
+
+    return dict(model=model, images=images, hess=hess, grad=grad, keys=keys, block=block)
+
+
+def reference(problem, key, what):
+    """[B, width] from the exact Hessian: its diagonal or its within-group row sums; or the gradient."""
+    hess, block = problem["hess"], problem["block"]
+    rows = []
+    for b in range(B):
+        s = block(key, b)
+        if what == "diag":
+            rows.append(torch.diagonal(hess[s, s]))
+        elif what == "group_rowsum":
+            rows.append(hess[s, s].sum(1))
+        else:
+            rows.append(problem["grad"][s])
+    return torch.stack(rows)
+
+
+def scores(problem, method, **kw):
+    return S.score_components(problem["model"], problem["images"], layers=TOKEN_LAYERS, heads=True,
+                              method=method, **kw)
+
+
+def each_key(result):
+    for layer in TOKEN_LAYERS:
+        yield ("token", layer), result.tokens[layer]
+    for layer in range(DEPTH):
+        yield ("head", layer), result.heads[:, layer]
+
+
+def test_unit_reference_hessian_is_block_diagonal_across_images(problem):
+    hess, block = problem["hess"], problem["block"]
+    rows0 = torch.cat([torch.arange(hess.shape[0])[block(k, 0)] for k in problem["keys"]])
+    rows1 = torch.cat([torch.arange(hess.shape[0])[block(k, 1)] for k in problem["keys"]])
+    assert hess[rows0][:, rows1].abs().max() == 0  # images do not interact: per-image scores are sound
+    assert hess[rows0][:, rows0].abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["double_backward", "forward_over_reverse"])
+def test_unit_exact_and_gradient_scores_match_autograd_hessian(problem, mode):
+    exact = scores(problem, "heart_exact", mode=mode)
+    taylor = scores(problem, "taylor", mode=mode)
+    fisher = scores(problem, "fisher", mode=mode)
+    second = scores(problem, "second_order", curvature="exact", mode=mode)
+    for (key, got), (_, t), (_, f), (_, so) in zip(each_key(exact), each_key(taylor), each_key(fisher),
+                                                   each_key(second)):
+        diag, grad = reference(problem, key, "diag"), reference(problem, key, "grad")
+        assert torch.allclose(got, diag, atol=1e-11, rtol=1e-9), key
+        assert torch.allclose(t, grad.abs(), atol=1e-12, rtol=1e-9), key
+        assert torch.allclose(f, grad.square(), atol=1e-12, rtol=1e-9), key
+        assert torch.allclose(so, -grad + 0.5 * diag, atol=1e-11, rtol=1e-9), key
+    # The curvature is not PSD: the tiny model has negative diagonal entries (METHOD §2).
+    assert min(float(v.min()) for _, v in each_key(exact)) < 0
+
+
+@pytest.mark.parametrize("mode", ["double_backward", "forward_over_reverse"])
+def test_unit_single_probe_is_hessian_row_sum(problem, mode):
+    per_group = scores(problem, "heart", scope="layer", mode=mode)
+    joint = scores(problem, "heart", scope="global", mode=mode)
+    hess, block = problem["hess"], problem["block"]
+    index = torch.arange(hess.shape[0])
+    for (key, got), (_, got_joint) in zip(each_key(per_group), each_key(joint)):
+        assert torch.allclose(got, reference(problem, key, "group_rowsum"), atol=1e-11, rtol=1e-9), key
+        expected = torch.stack([
+            hess[block(key, b)][:, torch.cat([index[block(k, b)] for k in problem["keys"]])].sum(1)
+            for b in range(B)])
+        assert torch.allclose(got_joint, expected, atol=1e-11, rtol=1e-9), key
+
+
+def test_unit_variants_of_curvature(problem):
+    raw = scores(problem, "heart_exact")
+    for variant, fn in (("abs", torch.abs), ("clamp", lambda t: t.clamp_min(0))):
+        other = scores(problem, "heart_exact", variant=variant)
+        for (_, a), (_, b) in zip(each_key(raw), each_key(other)):
+            assert torch.equal(fn(a), b)
+
+
+def test_unit_hutchinson_converges_to_exact_diagonal(problem):
+    """Mean squared error against the exact diagonal falls roughly as 1/K."""
+    def mse(k, seed):
+        est = scores(problem, "heart_hutchinson", probes=k, seed=seed)
+        return torch.stack([(v - reference(problem, key, "diag")).square().mean() for key, v in each_key(est)]).sum()
+
+    small = torch.stack([mse(2, s) for s in range(4)]).mean()
+    large = torch.stack([mse(32, s) for s in range(4)]).mean()
+    assert large < small / 4, (float(small), float(large))
+    fwd = scores(problem, "heart_hutchinson", probes=3, seed=5, mode="forward_over_reverse")
+    dbl = scores(problem, "heart_hutchinson", probes=3, seed=5, mode="double_backward")
+    for (_, a), (_, b) in zip(each_key(fwd), each_key(dbl)):
+        assert torch.allclose(a, b, atol=1e-12)  # same probes, same estimate, either HVP mode
+
+
+def test_unit_finite_difference_of_one_curvature_value(problem):
+    model, images = problem["model"], problem["images"]
+    exact = scores(problem, "heart_exact").tokens[2][1, 5]
+    with torch.no_grad():
+        target = model(images).argmax(-1)
+
+    def loss(value):
+        with G.gates_attached(model, token_layers=[2], head_layers=()) as gates:
+            gate = torch.ones(B, N, dtype=torch.float64)
+            gate[1, 5] = value
+            gates.token[2] = gate
+            with torch.no_grad():
+                return F.cross_entropy(model(images), target, reduction="sum")
+
+    h = 1e-3
+    fd = (loss(1 + h) - 2 * loss(1.0) + loss(1 - h)) / h**2
+    assert abs(float(fd - exact)) <= 1e-5 * max(1.0, abs(float(exact)))
+
+
+@pytest.mark.parametrize("method", ["heart", "heart_exact", "second_order", "taylor", "cls_attention", "norm"])
+def test_unit_scores_are_batch_independent(method):
+    """An image's scores do not depend on its batch-mates (deterministic methods)."""
+    model = tiny()
+    images = torch.randn(4, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    kw = dict(layers=[1], heads=True, method=method, curvature="exact")
+    full = S.score_components(model, images, **kw)
+    alone = S.score_components(model, images[2:3], **kw)
+    swapped = S.score_components(model, images[[2, 0]], **kw)
+    for other in (alone, swapped):
+        assert torch.allclose(other.tokens[1][0], full.tokens[1][2], atol=1e-12, rtol=1e-10)
+        assert torch.allclose(other.heads[0], full.heads[2], atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("loss", ["pseudo", "kl", "true"])
+def test_unit_leave_one_out_matches_direct_removal(loss):
+    model = tiny()
+    images = torch.randn(3, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    labels = torch.tensor([1, 2, 3])
+    got = S.leave_one_out_tokens(model, images, layers=[1], loss=loss, labels=labels, chunk=4,
+                                 tokens={1: [0, 3, 16]})[1]
+    assert got.shape == (3, N) and torch.isnan(got[:, 1]).all()
+    with torch.no_grad():
+        ref_logits = model(images)
+        base = S.per_image_loss(ref_logits, loss, labels, ref_logits)
+        for c in (0, 3, 16):
+            def zero(module, args, c=c):
+                y = args[0].clone()
+                y[:, c] = 0
+                return (y,)
+            handle = model.blocks[1].register_forward_pre_hook(zero)
+            changed = S.per_image_loss(model(images), loss, labels, ref_logits)
+            handle.remove()
+            assert torch.allclose(got[:, c], changed - base, atol=1e-12), c
+    heads = S.leave_one_out_heads(model, images, loss=loss, labels=labels, chunk=1)
+    heads_chunked = S.leave_one_out_heads(model, images, loss=loss, labels=labels, chunk=3)
+    assert heads.shape == (3, DEPTH, HEADS)
+    assert torch.allclose(heads, heads_chunked, atol=1e-12)
+    if loss == "kl":
+        assert (heads >= -1e-12).all()  # a KL is never negative
+
+
+def test_unit_kl_loss_has_zero_gradient_and_psd_curvature():
+    model = tiny()
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    d = S.gate_derivatives(model, images, token_layers=[1], head_layers=[0], loss="kl",
+                           curvature_estimator="exact")
+    assert d.grad[("token", 1)].abs().max() < 1e-12
+    assert d.curvature[("token", 1)].min() >= -1e-12  # Gauss-Newton at the optimum of the KL
+
+
+def test_unit_random_and_heuristics_shapes_and_seed():
+    model = tiny(torch.float32)
+    images = torch.randn(2, 3, 32, 32)
+    a = S.score_tokens(model, images, layers=[0, 2], method="random", seed=1)
+    b = S.score_tokens(model, images, layers=[0, 2], method="random", seed=1)
+    assert set(a) == {0, 2} and a[0].shape == (2, N) and torch.equal(a[2], b[2])
+    heads = S.score_heads(model, images, method="cls_attention")
+    assert heads.shape == (2, DEPTH, HEADS) and (heads <= 0).all()  # negative entropies
+    cls = S.score_tokens(model, images, layers=[1], method="cls_attention")[1]
+    assert torch.allclose(cls.sum(-1), torch.ones(2), atol=1e-5)  # a softmax row, mean over heads
+    norm = S.score_tokens(model, images, layers=[1], method="norm")[1]
+    with torch.no_grad(), G.gates_attached(model, token_layers=[1], head_layers=(), record=True) as gates:
+        model(images)
+        assert torch.allclose(norm, gates.tokens[1].norm(dim=-1))
+
+
+def test_unit_prefix_tokens_and_distilled_model():
+    torch.manual_seed(0)
+    model = timm.create_model("deit_base_distilled_patch16_224", img_size=32, patch_size=8, depth=2,
+                              embed_dim=32, num_heads=2, num_classes=10).eval()
+    images = torch.randn(2, 3, 32, 32)
+    result = S.score_components(model, images, layers=[1], method="heart")
+    assert result.num_prefix_tokens == 2 == S.num_prefix_tokens(model)
+    assert result.tokens[1].shape == (2, 18) and result.heads.shape == (2, 2, 2)
+    assert torch.isfinite(result.tokens[1]).all()
+
+
+def test_unit_bad_input_is_rejected_clearly():
+    model = tiny(torch.float32)
+    images = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ValueError, match="not a timm Vision Transformer"):
+        S.score_tokens(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)), images, layers=[0], method="heart")
+    with pytest.raises(ValueError, match="layers = 7 is out of range"):
+        S.score_tokens(model, images, layers=[7], method="heart")
+    with pytest.raises(ValueError, match="method = 'hessian'"):
+        S.score_tokens(model, images, layers=[0], method="hessian")
+    with pytest.raises(ValueError, match="loss = 'mse'"):
+        S.score_heads(model, images, method="taylor", loss="mse")
+    with pytest.raises(ValueError, match="needs labels"):
+        S.score_heads(model, images, method="taylor", loss="true")
+    with pytest.raises(ValueError, match="labels must have shape"):
+        S.score_heads(model, images, method="taylor", loss="true", labels=torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="probes"):
+        S.score_heads(model, images, method="heart_hutchinson", probes=0)
+    bad = images.clone()
+    bad[1, 0, 3, 3] = float("nan")
+    with pytest.raises(S.NonFiniteLossError, match="batch indices: 1") as err:
+        S.score_tokens(model, bad, layers=[0], method="heart")
+    assert err.value.images == [1]
+    with pytest.raises(S.NonFiniteLossError):
+        S.leave_one_out_heads(model, bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_unit_low_precision_model_scored_in_fp32_and_restored(dtype):
+    model = tiny(torch.float32)
+    low = copy.deepcopy(model).to(dtype)
+    state = {k: v.clone() for k, v in low.state_dict().items()}
+    fused = [m.fused_attn for m in low.modules() if hasattr(m, "fused_attn")]
+    images = torch.randn(2, 3, 32, 32)
+    got = S.score_tokens(low, images.to(dtype), layers=[1], method="heart")[1]
+    expected = S.score_tokens(copy.deepcopy(low).float(), images.to(dtype).float(), layers=[1], method="heart")[1]
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    assert all(v.dtype == state[k].dtype and torch.equal(v, state[k]) for k, v in low.state_dict().items())
+    assert [m.fused_attn for m in low.modules() if hasattr(m, "fused_attn")] == fused
