@@ -7,13 +7,14 @@ PROFILE ?= default
 JOBS ?= 1
 STAMP := $(VENV)/.installed
 
-.PHONY: help env data mathjax browser results book test lock clean-book
+.PHONY: help env data mathjax browser results book test reproduce lock clean-book
 
 help:
 	@echo "make book     environment + data + notebooks for PROFILE=$(PROFILE) + rendered book (book/_build/html)"
 	@echo "make test     the test suite (pytest)"
 	@echo "make env      the pinned virtual environment in $(VENV) (a no-op when up to date)"
 	@echo "make results  execute the notebooks of PROFILE into results/PROFILE/"
+	@echo "make reproduce  re-run PROFILE afresh and compare with the committed tables"
 
 # One pip resolve of the exact pins: torch 2.13.0 with timm/torchvision in the same call, so no CUDA
 # packages are pulled on CPU machines.
@@ -57,6 +58,10 @@ book: results mathjax
 
 test: env mathjax browser
 	$(PY) -m pytest -q
+
+# Re-execute PROFILE afresh (scratch folder) and compare with the committed tables.
+reproduce: env data
+	$(PY) -m heart_lib reproduce --profile $(PROFILE) -j $(JOBS)
 
 clean-book:
 	rm -rf book/_build build/book-*

@@ -38,6 +38,14 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reproduce(args: argparse.Namespace) -> int:
+    from heart_lib import reproduce
+
+    comparisons = reproduce.reproduce(args.profile, rtol=args.rtol, jobs=args.jobs)
+    print(reproduce.report(comparisons))
+    return 1 if any(c.status in {"different", "missing"} for c in comparisons) else 0
+
+
 def _measure(args: argparse.Namespace) -> int:
     from heart_lib.measure import cli as measure_cli
 
@@ -64,6 +72,12 @@ def parser() -> argparse.ArgumentParser:
     dt.add_argument("--datasets", nargs="*", default=["imagenet-val-1300", "imagenet-sample-1000", "cifar10-test"])
     dt.add_argument("--weights", nargs="*", default=["deit_tiny_patch16_224"])
     dt.set_defaults(func=_data)
+
+    rp = sub.add_parser("reproduce", help="re-run a profile afresh and compare with its committed tables")
+    rp.add_argument("--profile", default="default")
+    rp.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance where not bit-identical")
+    rp.add_argument("-j", "--jobs", type=int, default=1)
+    rp.set_defaults(func=_reproduce)
 
     try:
         from heart_lib.measure import cli as measure_cli

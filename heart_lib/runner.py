@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -62,10 +65,30 @@ def stored_key(path: Path) -> str | None:
         return None
 
 
+def pin_kernel() -> None:
+    """Make kernel `python3` mean this interpreter, whatever kernelspecs the user has installed.
+
+    Jupyter looks in JUPYTER_PATH before the user's and the system's folders, so a kernelspec
+    placed there wins; without it a user-level `python3` spec could run another Python.
+    """
+    folder = Path(tempfile.gettempdir()) / f"heart-kernels-{os.getuid()}" / hashlib.sha256(
+        sys.executable.encode()).hexdigest()[:12]
+    spec = folder / "kernels" / KERNEL / "kernel.json"
+    if not spec.is_file():
+        spec.parent.mkdir(parents=True, exist_ok=True)
+        spec.write_text(json.dumps({
+            "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": "Python 3 (heart_lib)", "language": "python"}))
+    paths = os.environ.get("JUPYTER_PATH", "").split(os.pathsep)
+    if str(folder) not in paths:
+        os.environ["JUPYTER_PATH"] = os.pathsep.join([str(folder), *filter(None, paths)])
+
+
 def execute(profile: str, name: str, key: str) -> Path:
     """Run one notebook through papermill into results/<profile>/<name>.ipynb (atomically)."""
     import papermill
 
+    pin_kernel()
     target = results_dir(profile) / f"{name}.ipynb"
     parameters = {"profile": profile, **config.raw_profile_params(profile, name)}
     with atomic_path(target) as tmp:
