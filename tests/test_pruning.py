@@ -257,3 +257,11 @@ def test_parse_roundtrip_and_files(tmp_path):
     assert PruningConfig.parse(str(tmp_path / "c.json")) == config
     with pytest.raises(ValueError, match="does not exist"):
         PruningConfig.parse(tmp_path / "missing.yaml")
+
+
+def test_heart_oracle_through_the_sensitivity_engine(vit, images):
+    pruned = prune(vit, "tokens=0.5@1,2;selector=heart", keep_index=True)
+    out = pruned(images[:3])
+    assert out.shape == (3, 10) and torch.isfinite(out).all()
+    assert pruned.record.oracle_seconds > 0
+    assert len({tuple(sorted(r.tolist())) for r in pruned.record.kept_index[2]}) > 1
