@@ -1,0 +1,93 @@
+"""Loading measured runs back and reducing them to one row per configuration (medians over runs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+CONFIG_KEYS = ("device_name", "model", "pruning", "batch_size", "precision", "threads")
+MEDIAN_COLUMNS = ("latency_median_ms", "latency_per_image_ms", "throughput_img_s", "peak_memory_mb",
+                  "energy_per_image_j", "energy_per_image_above_idle_j", "mean_power_w", "idle_power_w",
+                  "sampler_overhead_frac")
+
+
+def load_runs(root: str | Path) -> pd.DataFrame:
+    """Every session table under `root` (recursively: `<root>/<device>/<session>.csv`), one row per run."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no measurements folder {root}; run `python -m heart_lib measure` first")
+    frames = []
+    for path in sorted(root.rglob("*.csv")):
+        if "raw" in path.relative_to(root).parts:
+            continue
+        frame = pd.read_csv(path)
+        if "run_id" not in frame.columns:
+            continue  # not a measurement table
+        frame["source_file"] = str(path.relative_to(root))
+        frames.append(frame)
+    if not frames:
+        raise FileNotFoundError(f"no measurement tables under {root}")
+    return pd.concat(frames, ignore_index=True, sort=False)
+
+
+def summarize(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration: medians over successful runs, spread (IQR, min, max) of the latency.
+
+    Failed runs count in `runs_failed` and their statuses are listed, so a configuration that did not
+    fit in memory still appears (with NaN timings) instead of vanishing.
+    """
+    runs = runs.copy()
+    for key in CONFIG_KEYS:
+        if key not in runs.columns:
+            runs[key] = np.nan
+    if "energy_status" not in runs.columns:
+        runs["energy_status"] = "none"
+    rows = []
+    for key, group in runs.groupby(list(CONFIG_KEYS), dropna=False, sort=False):
+        ok = group[group["status"] == "ok"]
+        row = dict(zip(CONFIG_KEYS, key))
+        row.update(runs_ok=len(ok), runs_failed=len(group) - len(ok),
+                   statuses=";".join(sorted(set(group["status"].astype(str)) - {"ok"})))
+        for col in MEDIAN_COLUMNS:
+            values = pd.to_numeric(ok[col], errors="coerce") if col in ok else pd.Series(dtype=float)
+            # Energy is a median only over runs whose energy is valid: a lost source leaves NaN.
+            row[col] = float(values.median()) if values.notna().any() else np.nan
+        lat = pd.to_numeric(ok.get("latency_median_ms", pd.Series(dtype=float)), errors="coerce").dropna()
+        row["latency_iqr_ms"] = float(lat.quantile(0.75) - lat.quantile(0.25)) if len(lat) else np.nan
+        row["latency_runs_min_ms"] = float(lat.min()) if len(lat) else np.nan
+        row["latency_runs_max_ms"] = float(lat.max()) if len(lat) else np.nan
+        for col in ("flops_per_image", "flops_source", "params_m", "energy_source", "energy_reason", "cpu_model",
+                    "gpu_name", "jetson_model", "nvpmodel", "jetson_clocks", "torch", "timm"):
+            present = group[col].dropna() if col in group else pd.Series(dtype=object)
+            row[col] = present.iloc[0] if len(present) else np.nan
+        energy_ok = (ok["energy_status"] == "ok").sum() if len(ok) else 0
+        row["energy_runs_ok"] = int(energy_ok)
+        lost = group["energy_status"].astype(str).eq("lost").sum()
+        row["energy_runs_lost"] = int(lost)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def add_relative(summary: pd.DataFrame) -> pd.DataFrame:
+    """Latency, throughput, energy and FLOPs relative to the unpruned model on the same device and batch."""
+    out = summary.copy()
+    base_keys = ["device_name", "model", "batch_size", "precision", "threads"]
+    base = out[out["pruning"] == "none"].set_index(base_keys)
+    ratios = {"latency_change": "latency_median_ms", "throughput_change": "throughput_img_s",
+              "energy_change": "energy_per_image_j", "flops_change": "flops_per_image"}
+    for name in ratios:
+        out[name] = np.nan
+    for i, row in out.iterrows():
+        key = tuple(row[k] for k in base_keys)
+        if key not in base.index:
+            continue
+        ref = base.loc[key]
+        ref = ref.iloc[0] if isinstance(ref, pd.DataFrame) else ref
+        for name, col in ratios.items():
+            try:
+                out.at[i, name] = float(row[col]) / float(ref[col]) - 1.0
+            except (TypeError, ValueError, ZeroDivisionError):
+                pass
+    return out
