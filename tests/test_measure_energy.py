@@ -127,7 +127,7 @@ class FakeJtop:
     def __init__(self, snapshots, fail_after=None):
         self.snapshots, self.calls, self.fail_after, self.interval = snapshots, 0, fail_after, 0.1
 
-    def ok(self):
+    def is_alive(self):  # jtop's client is a Thread
         return self.fail_after is None or self.calls < self.fail_after
 
     @property
@@ -144,7 +144,7 @@ def test_jtop_source_reads_and_marks_a_stopped_service():
     snaps = json.loads((FIXTURES / "jtop_power_orin_nano.json").read_text())
     source = energy.JtopSource(client=FakeJtop(snaps, fail_after=2))
     assert source.read() == pytest.approx(8.0)  # the constructor consumed the first snapshot
-    with pytest.raises(energy.SourceUnavailable, match="stopped"):
+    with pytest.raises(energy.SourceUnavailable, match="lost the jtop service"):
         source.read()
     assert source.describe()["energy_source"] == "jtop" and "VDD_IN" in source.describe()["energy_reason"]
 

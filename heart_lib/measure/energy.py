@@ -344,9 +344,9 @@ class NvmlSource:
 class JtopSource:
     """Jetson module power from jtop (jetson-stats): `jetson.power['tot']['power']` in mW.
 
-    jtop's service samples at its own interval (default 500 ms; the protocol needs 100 ms, set in
-    the service config); reading faster than that returns repeated values, which the sampler
-    reports as the effective interval.
+    jtop's service samples at the interval of the first client that connects after it starts
+    (a later client asking for another interval is refused with a warning); reading faster than
+    the service returns repeated values, which the sampler reports as the effective interval.
     """
 
     name, kind, wrap_j = "jtop", "power", None
@@ -369,8 +369,11 @@ class JtopSource:
             raise SourceUnavailable(f"jtop: no total power reading: {err}") from err
 
     def read(self) -> float:
-        if hasattr(self._client, "ok") and not self._client.ok():
-            raise SourceUnavailable("jtop: the service stopped answering")
+        # jtop's client is a thread that receives the service's updates; `ok()` would block until
+        # the next update (and is known to turn False at short intervals), so liveness is checked
+        # on the thread instead and the latest received sample is read without waiting.
+        if hasattr(self._client, "is_alive") and not self._client.is_alive():
+            raise SourceUnavailable("jtop: the client lost the jtop service")
         return jtop_total_watts(self._client.power)
 
     def describe(self) -> dict[str, Any]:

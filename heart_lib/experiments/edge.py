@@ -1,0 +1,213 @@
+"""Edge chapter: latency, throughput, memory and energy of (pruned) ViTs on every measured device.
+
+The chapter does not time anything itself (except, under the smoke profile, a few seconds on a tiny
+random ViT to exercise the plumbing): it reads every session that `python -m heart_lib measure`
+wrote under `results/devices/<device>/`, reduces runs to medians per configuration, and compares
+pruned configurations with the unpruned model on the same device and batch size (claims C4, C6).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from heart_lib import results
+from heart_lib.measure import tables
+from heart_lib.paths import PROJECT_ROOT
+
+
+@dataclass(frozen=True)
+class Params:
+    devices_root: str = "results/devices"  # relative to the project root, or absolute
+    devices: list[str] | None = None  # device folders to include; None = all
+    models: list[str] | None = None  # models to include; None = all
+    # A short live measurement on the machine running the notebook (None = only committed results).
+    live_model: str | None = None
+    live_model_kwargs: dict[str, Any] = field(default_factory=dict)
+    live_prunings: list[str] = field(default_factory=lambda: ["none"])
+    live_batches: list[int] = field(default_factory=lambda: [1])
+    live_repeats: int = 2
+    live_min_time_s: float = 0.2
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.live_repeats < 1:
+            raise ValueError(f"parameter 'live_repeats' = {self.live_repeats}: must be a positive integer")
+        if self.live_min_time_s < 0:
+            raise ValueError(f"parameter 'live_min_time_s' = {self.live_min_time_s}: must be >= 0")
+        if any(b < 1 for b in self.live_batches) or not self.live_batches:
+            raise ValueError(f"parameter 'live_batches' = {self.live_batches}: positive integers, at least one")
+        if self.live_model is not None:
+            from heart_lib import models
+
+            models.check_model_name(self.live_model)
+        if not self.live_prunings:
+            raise ValueError("parameter 'live_prunings': give at least one configuration ('none' for the plain model)")
+        from heart_lib.measure import workload
+
+        for text in self.live_prunings:
+            workload.canonical_pruning(text)  # raises ValueError naming the bad config
+
+
+def devices_root(params: Params) -> Path:
+    root = Path(params.devices_root).expanduser()
+    return root if root.is_absolute() else PROJECT_ROOT / root
+
+
+def measure_live(params: Params, out: Path) -> Path | None:
+    """The smoke profile's few-second measurement (in-process: plumbing, not a protocol run)."""
+    if params.live_model is None:
+        return None
+    from heart_lib.measure import bench, fingerprint, run
+
+    threads = 1  # the notebook shares the machine; one thread keeps the check light
+    bench.set_threads(threads)
+    info = fingerprint.fingerprint("cpu", "fp32", threads)
+    folder = out / "live" / info["device_name"]
+    session = run.new_session_id(folder)
+    specs = run.expand([params.live_model], params.live_prunings, params.live_batches, params.live_repeats,
+                       threads=threads, warmup_iters=1, min_iters=2, min_time_s=params.live_min_time_s,
+                       energy="auto", idle_s=0.0, model_kwargs=params.live_model_kwargs, seed=params.seed)
+    run.run_session(specs, folder, session, fresh_process=False, log=lambda line: None, facts=info)
+    return folder
+
+
+def load(params: Params, out: Path) -> pd.DataFrame:
+    """Every run: the committed device measurements plus this notebook's live ones (if any)."""
+    frames = []
+    root = devices_root(params)
+    if root.is_dir():
+        try:
+            committed = tables.load_runs(root)
+            committed["origin"] = "committed"
+            frames.append(committed)
+        except FileNotFoundError:
+            pass
+    live = measure_live(params, out)
+    if live is not None:
+        fresh = tables.load_runs(live)
+        fresh["origin"] = "live (this notebook)"
+        fresh["device_name"] = fresh["device_name"].astype(str) + " (live)"
+        frames.append(fresh)
+    if not frames:
+        raise FileNotFoundError(f"no measurements under {root} and no live measurement configured; "
+                                "run `python -m heart_lib measure` (see the edge how-to)")
+    runs = pd.concat(frames, ignore_index=True, sort=False)
+    if params.devices is not None:
+        runs = runs[runs["device_name"].isin(params.devices)]
+    if params.models is not None:
+        runs = runs[runs["model"].isin(params.models)]
+    return runs.reset_index(drop=True)
+
+
+def device_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per device: what the numbers depend on (fingerprint), the energy source, run conditions."""
+    cols = ["cpu_model", "gpu_name", "jetson_model", "l4t", "jetpack", "nvpmodel", "jetson_clocks", "precision",
+            "threads", "torch", "timm", "energy_source", "energy_reason"]
+    rows = []
+    for device, group in runs.groupby("device_name", sort=True):
+        row: dict[str, Any] = {"device": device}
+        for col in cols:
+            values = group[col].dropna().astype(str).unique() if col in group else []
+            row[col] = "; ".join(values) if len(values) else ""
+        ok = group[group["status"] == "ok"]
+        row["runs"] = len(group)
+        row["runs_ok"] = len(ok)
+        row["fresh_process_share"] = float(ok["fresh_process"].astype(bool).mean()) if len(ok) else math.nan
+        for col in ("cpu_share", "load_avg_1m_start"):
+            row[f"median_{col}"] = float(pd.to_numeric(ok[col], errors="coerce").median()) if col in ok and len(ok) else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def comparison_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Pruned vs unpruned on the same device, model and batch: changes in %, for display."""
+    rel = tables.add_relative(summary)
+    pruned = rel[rel["pruning"] != "none"].copy()
+    if pruned.empty:
+        return pd.DataFrame(columns=["device", "model", "batch", "pruning", "FLOPs", "latency", "throughput", "energy/img"])
+    fmt = lambda v: "" if pd.isna(v) else f"{100 * v:+.1f} %"  # noqa: E731
+    return pd.DataFrame({
+        "device": pruned["device_name"], "model": pruned["model"], "batch": pruned["batch_size"],
+        "pruning": pruned["pruning"], "FLOPs": pruned["flops_change"].map(fmt),
+        "latency": pruned["latency_change"].map(fmt), "throughput": pruned["throughput_change"].map(fmt),
+        "energy/img": pruned["energy_change"].map(fmt)}).reset_index(drop=True)
+
+
+def display_summary(summary: pd.DataFrame) -> pd.DataFrame:
+    """The per-configuration medians, rounded and renamed for the page."""
+    out = pd.DataFrame({
+        "device": summary["device_name"], "model": summary["model"], "pruning": summary["pruning"],
+        "batch": summary["batch_size"], "runs ok": summary["runs_ok"],
+        "GFLOPs/img": summary["flops_per_image"] / 1e9,
+        "latency ms (median)": summary["latency_median_ms"],
+        "latency IQR ms": summary["latency_iqr_ms"],
+        "ms/img": summary["latency_per_image_ms"], "img/s": summary["throughput_img_s"],
+        "peak MiB": summary["peak_memory_mb"], "J/img": summary["energy_per_image_j"],
+        "J/img above idle": summary["energy_per_image_above_idle_j"], "failures": summary["statuses"]})
+    return out.round(3)
+
+
+def run(params: Params, out: Path) -> dict[str, pd.DataFrame]:
+    """Load, summarise, write tables and figures under `out`; returns the tables."""
+    runs = load(params, out)
+    summary = tables.summarize(runs)
+    devices = device_table(runs)
+    comparison = comparison_table(summary)
+    results.write_table(out / "runs.csv", runs, meta={"params": vars(params), "devices_root": str(devices_root(params))})
+    results.write_table(out / "summary.csv", summary)
+    results.write_table(out / "devices.csv", devices)
+    results.write_table(out / "comparison.csv", comparison)
+    fig = figure(summary)
+    results.save_figure(fig, out / "latency_throughput_energy_vs_flops.png")
+    return {"runs": runs, "summary": summary, "devices": devices, "comparison": comparison}
+
+
+def figure(summary: pd.DataFrame):
+    """Latency per image, throughput and energy per image against GFLOPs per image.
+
+    One colour per device, one marker per batch size; lines join the configurations of one model
+    on one device and batch, ordered by FLOPs. Error bars: the IQR of the latency across runs.
+    The energy panel says so when no device had an energy source, instead of staying blank.
+    """
+    import matplotlib.pyplot as plt
+
+    from heart_lib import plots
+
+    plots.use_style()
+    ok = summary[summary["runs_ok"] > 0].copy()
+    ok["gflops"] = ok["flops_per_image"] / 1e9
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    panels = [("latency_per_image_ms", "latency per image (ms)"), ("throughput_img_s", "throughput (images/s)"),
+              ("energy_per_image_j", "energy per image (J)")]
+    devices = sorted(ok["device_name"].astype(str).unique())
+    palette = dict(zip(devices, plt.get_cmap("tab10").colors))
+    batches = sorted(ok["batch_size"].unique())
+    markers = dict(zip(batches, "osD^v<>ph*"))
+    for ax, (col, label) in zip(axes, panels):
+        data = ok[ok[col].notna()] if col in ok else ok.iloc[0:0]
+        if data.empty:
+            reasons = summary.get("energy_reason", pd.Series(dtype=str)).dropna().astype(str).unique()
+            ax.text(0.5, 0.5, "no energy source on the measured devices:\n" + "\n".join(r[:70] for r in reasons[:3]),
+                    ha="center", va="center", wrap=True, fontsize=8, transform=ax.transAxes)
+            ax.set(title=label, xticks=[], yticks=[])
+            continue
+        for (device, model, batch), group in data.groupby(["device_name", "model", "batch_size"]):
+            group = group.sort_values("gflops")
+            yerr = None
+            if col == "latency_per_image_ms":
+                half = (group["latency_iqr_ms"] / group["batch_size"] / 2).fillna(0).to_numpy()
+                yerr = half
+            ax.errorbar(group["gflops"], group[col], yerr=yerr, color=palette[str(device)],
+                        marker=markers[batch], ls="-", lw=1, ms=6, capsize=3, alpha=0.85)
+        ax.set(xlabel="GFLOPs per image", ylabel=label, title=label)
+    handles = [plt.Line2D([], [], color=palette[d], lw=2, label=d) for d in devices]
+    handles += [plt.Line2D([], [], color="grey", marker=markers[b], ls="", label=f"batch {b}") for b in batches]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), bbox_to_anchor=(0.5, -0.08))
+    fig.suptitle("Pruned and unpruned configurations per device (medians over runs)")
+    return fig
