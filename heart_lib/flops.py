@@ -157,12 +157,14 @@ def _base_shape(base: nn.Module | str) -> ViTShape:
 
 
 def count_flops(model_or_config: nn.Module | PruningConfig | str, image_size: int | None = None, *,
-                base: nn.Module | str | None = None, breakdown: bool = False) -> int | dict[str, Any]:
+                base: nn.Module | str | None = None, breakdown: bool = False,
+                gate_hidden: int | None = None) -> int | dict[str, Any]:
     """Analytic per-image FLOPs of a (pruned) model, or of a config applied to `base`.
 
     model_or_config: a PrunedViT, a plain timm ViT, or a PruningConfig / its text form (then `base`,
     a model or a timm model name, gives the architecture). image_size: input side (default: the
     model's). For a PrunedViT with per-input budgets the mean over the inputs of its last forward.
+    gate_hidden: width of the token gate for a gate config (else read from the config's gate file).
     """
     from heart_lib.pruning.model import PrunedViT
 
@@ -187,8 +189,8 @@ def count_flops(model_or_config: nn.Module | PruningConfig | str, image_size: in
         shape = _base_shape(base)
         depth = len(shape.blocks)
         config.check(depth=depth, num_heads={i: b.heads for i, b in enumerate(shape.blocks)})
-        hidden = None
-        if config.selector == "gate" and config.gate:
+        hidden = gate_hidden
+        if config.selector == "gate" and config.gate and hidden is None:
             from heart_lib.pruning.selectors import TokenGateSet
             hidden = TokenGateSet.load(config.gate).hidden
         result = analytic_flops(shape.without_heads(config.head_map), config, image_size, gate_hidden=hidden)

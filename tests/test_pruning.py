@@ -265,3 +265,16 @@ def test_heart_oracle_through_the_sensitivity_engine(vit, images):
     assert out.shape == (3, 10) and torch.isfinite(out).all()
     assert pruned.record.oracle_seconds > 0
     assert len({tuple(sorted(r.tolist())) for r in pruned.record.kept_index[2]}) > 1
+
+
+def test_resume_from_a_shared_prefix(vit, images):
+    pruned = prune(vit, "tokens=0.5@2,3;selector=cls_attention")
+    assert pruned.first_changed_block() == 1
+    stream = {}
+    handle = vit.blocks[1].register_forward_pre_hook(lambda m, a: stream.setdefault("x", a[0]))
+    vit(images)
+    handle.remove()
+    torch.testing.assert_close(pruned(None, start_layer=1, tokens=stream["x"]), pruned(images), rtol=0, atol=1e-6)
+    assert pruned.record.counts[0] == token_plan(pruned.config, 16, 4, 1)
+    with pytest.raises(ValueError, match="cannot be resumed"):
+        pruned(None, start_layer=2, tokens=stream["x"])

@@ -158,7 +158,8 @@ class PruningConfig:
             ratios = sorted(set(self.keep))
             ratio_text = (f"{ratios[0]:g}" if len(ratios) == 1 else ",".join(f"{r:g}" for r in self.keep))
             items.append(f"tokens={ratio_text}@{','.join(str(v) for v in self.layers)}")
-        items.append(f"selector={self.selector}")
+        if self.layers or self.selector != "cls_attention":
+            items.append(f"selector={self.selector}")
         if self.heads:
             items.append("heads=" + ",".join(f"{k}:{'+'.join(str(i) for i in v)}" for k, v in self.heads))
         defaults = PruningConfig()

@@ -209,15 +209,34 @@ class PrunedViT(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward_features(self, images: torch.Tensor, oracle: Mapping[int, torch.Tensor] | None = None
-                         ) -> torch.Tensor:
-        x = self._embed(images)
+    def first_changed_block(self) -> int:
+        """The first block whose computation pruning changes (earlier blocks run exactly as unpruned)."""
+        depth = len(self.model.blocks)
+        touched = set(self.config.layers) | set(self.config.head_map) | self._cls_source
+        return min(touched | {depth})
+
+    def forward_features(self, images: torch.Tensor | None, oracle: Mapping[int, torch.Tensor] | None = None, *,
+                         start_layer: int = 0, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm token features. `tokens` + `start_layer`: resume from the residual stream at
+        the input of block `start_layer` of the *unpruned* model (shared by many configs in a
+        sweep); allowed only up to the first block pruning changes."""
+        if tokens is None:
+            if start_layer != 0:
+                raise ValueError("start_layer needs tokens (the residual stream at that block's input)")
+            x = self._embed(images)
+        else:
+            if start_layer > self.first_changed_block():
+                raise ValueError(f"start_layer = {start_layer}: pruning changes block {self.first_changed_block()} "
+                                 "already, so the unpruned stream cannot be resumed there")
+            x = tokens
         b, n, _ = x.shape
         index = torch.arange(n, device=x.device).expand(b, n)
         state = TokenState(x, index)
         context: dict[str, Any] = {"oracle": oracle}
-        counts = []
+        counts = [(n, n)] * start_layer
         for layer, block in enumerate(self.model.blocks):
+            if layer < start_layer:
+                continue
             if layer in self._drop_layers:
                 state = self._drop(layer, state, context)
                 if self.keep_index:
@@ -228,21 +247,29 @@ class PrunedViT(nn.Module):
         self.record.counts.extend([counts] * b)
         return self.model.norm(state.x)
 
-    def forward(self, images: torch.Tensor, oracle: Mapping[int, torch.Tensor] | None = None) -> torch.Tensor:
-        """Logits. `oracle`: precomputed HEART scores {layer: [B, N]} (else computed here, timed)."""
+    def forward(self, images: torch.Tensor | None, oracle: Mapping[int, torch.Tensor] | None = None, *,
+                start_layer: int = 0, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits. `oracle`: precomputed HEART scores {layer: [B, N]} (else computed here, timed).
+        `start_layer`/`tokens`: see forward_features."""
         self.record = ForwardRecord()
         if self.config.selector in ORACLE_SELECTORS and self._drop_layers and oracle is None:
+            if images is None:
+                raise ValueError("the HEART oracle needs the images (or precomputed oracle scores)")
             start = time.perf_counter()
             oracle = self.oracle_scores(images)
             self.record.oracle_seconds = time.perf_counter() - start
-        if self.config.per_input_budget is not None and images.shape[0] > 1:
+        batch = images.shape[0] if images is not None else tokens.shape[0]
+        if self.config.per_input_budget is not None and batch > 1:
             # Per-input budgets give each input its own token counts: run inputs one at a time.
             outs = []
-            for i in range(images.shape[0]):
+            for i in range(batch):
                 one = {k: v[i:i + 1] for k, v in oracle.items()}
-                outs.append(self.model.forward_head(self.forward_features(images[i:i + 1], one)))
+                feats = self.forward_features(None if images is None else images[i:i + 1], one,
+                                              start_layer=start_layer,
+                                              tokens=None if tokens is None else tokens[i:i + 1])
+                outs.append(self.model.forward_head(feats))
             return torch.cat(outs)
-        return self.model.forward_head(self.forward_features(images, oracle))
+        return self.model.forward_head(self.forward_features(images, oracle, start_layer=start_layer, tokens=tokens))
 
 
 def prune(model: nn.Module, config: PruningConfig | str, *, gate: TokenGateSet | None = None,

@@ -1,0 +1,536 @@
+"""Pruning chapter: accuracy vs FLOPs of token, head and joint pruning, every selector and peer.
+
+One sweep (`run`) evaluates, on the same images and without fine-tuning:
+- token-only pruning at symmetric keep ratios (and at extra FLOPs targets) with each drop selector,
+  the EViT and ToMe peers matched to the same FLOPs, and the HEART oracle (per-input HVPs, on a
+  subset of the images because of its cost, which is reported separately);
+- head-only pruning at FLOPs targets, heads ranked by calibration scores of several methods;
+- joint pruning (heads + tokens) at FLOPs targets;
+- asymmetric schedules from loss budgets ε (predicted vs measured loss increase);
+- batch-size-1 per-input budgets with the oracle.
+Every row carries analytic FLOPs of what ran, and accuracy with Wilson intervals.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from heart_lib import data, models, results
+from heart_lib.budget import Calibration, predicted_loss, schedule_for_budget
+from heart_lib.flops import count_flops, counted_flops, vit_shape
+from heart_lib.pruning import DROP_SELECTORS, PEER_METHODS, PruningConfig, prune, train_token_gate
+from heart_lib.pruning.selectors import block_inputs, gate_rank_agreement
+from heart_lib.stats import wilson_interval
+
+SWEEP_VERSION = 1  # bump when the sweep's meaning changes, so cached tables are not reused
+HEAD_METHODS = ("heart", "heart_hutchinson", "taylor", "second_order", "fisher", "norm", "cls_attention", "random")
+
+
+@dataclass(frozen=True)
+class Params:
+    model: str = "deit_tiny_patch16_224"
+    weights: str = "mirror"
+    dataset: str = "imagenet-val-1300"
+    data_path: str | None = None
+    limit: int | None = None  # evaluation images (None = all)
+    calib_dataset: str = "imagenet-sample-1000"  # scores for heads, budgets and the gate come from here
+    calib_limit: int = 64
+    oracle_limit: int = 200  # evaluation images that also get the per-input HVP oracle
+    batch_size: int = 64
+    seed: int = 0
+    num_classes: int | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    layers: list[int] = field(default_factory=lambda: [3, 6, 9])  # token pruning layers
+    token_keeps: list[float] = field(default_factory=lambda: [0.8, 0.6])  # symmetric keep ratios
+    flops_targets: list[float] = field(default_factory=lambda: [0.494])  # extra token-only FLOPs reductions
+    token_selectors: list[str] = field(default_factory=lambda: ["gate", "cls_attention", "norm", "random"])
+    peers: list[str] = field(default_factory=lambda: ["evit", "tome"])
+    oracle_method: str = "heart"
+    probes: int = 8
+    head_methods: list[str] = field(default_factory=lambda: ["heart", "taylor", "random"])
+    head_targets: list[float] = field(default_factory=lambda: [0.07, 0.14])
+    joint_targets: list[float] = field(default_factory=lambda: [0.40, 0.494])
+    joint_head_share: float = 0.07  # FLOPs reduction taken by heads in joint configs
+    joint_selectors: list[str] = field(default_factory=lambda: ["gate", "cls_attention"])
+    budgets: list[float] = field(default_factory=lambda: [0.05, 0.2, 0.5])  # ε (nats) for asymmetric schedules
+    per_input_budgets: list[float] = field(default_factory=lambda: [0.05, 0.2])
+    gate_hidden: int = 64
+    gate_epochs: int = 40
+    reuse: bool = True  # reuse a finished sweep table with the same parameters
+
+    def check(self) -> None:
+        models.check_model_name(self.model)
+        for name in ("dataset", "calib_dataset"):
+            if getattr(self, name) not in data.DATASETS:
+                raise ValueError(f"parameter {name!r} = {getattr(self, name)!r}: allowed values are {list(data.DATASETS)}")
+        for name in ("batch_size", "calib_limit", "oracle_limit", "gate_hidden", "gate_epochs", "probes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"parameter {name!r} = {getattr(self, name)}: must be a positive integer")
+        if not self.layers or sorted(set(self.layers)) != list(self.layers) or min(self.layers) < 1:
+            raise ValueError(f"parameter 'layers' = {self.layers}: strictly increasing block indices ≥ 1")
+        for keep in self.token_keeps:
+            if not 0 < keep <= 1:
+                raise ValueError(f"parameter 'token_keeps' has {keep}: ratios must lie in (0, 1]")
+        for name in ("flops_targets", "head_targets", "joint_targets"):
+            for t in getattr(self, name):
+                if not 0 <= t < 1:
+                    raise ValueError(f"parameter {name!r} has {t}: FLOPs reductions must lie in [0, 1)")
+        bad = [s for s in self.token_selectors if s not in DROP_SELECTORS or s in ("heart", "heart_hutchinson", "heart_exact")]
+        if bad:
+            raise ValueError(f"parameter 'token_selectors' has {bad}: allowed {['gate', 'cls_attention', 'norm', 'random']} "
+                             "(the oracle runs separately, see oracle_method)")
+        if any(p not in PEER_METHODS for p in self.peers):
+            raise ValueError(f"parameter 'peers' = {self.peers}: allowed {list(PEER_METHODS)}")
+        if self.oracle_method not in ("heart", "heart_hutchinson", "heart_exact"):
+            raise ValueError(f"parameter 'oracle_method' = {self.oracle_method!r}: allowed heart, heart_hutchinson, heart_exact")
+        if any(m not in HEAD_METHODS for m in self.head_methods):
+            raise ValueError(f"parameter 'head_methods' = {self.head_methods}: allowed {list(HEAD_METHODS)}")
+        if any(s not in self.token_selectors + ["heart"] for s in self.joint_selectors):
+            raise ValueError(f"parameter 'joint_selectors' = {self.joint_selectors}: must be among token_selectors")
+        if any(b < 0 for b in self.budgets + self.per_input_budgets):
+            raise ValueError("budgets must be non-negative")
+
+    def key(self) -> str:
+        """Digest of everything the sweep's numbers depend on (not `reuse`)."""
+        values = {k: v for k, v in asdict(self).items() if k != "reuse"}
+        blob = json.dumps({"v": SWEEP_VERSION, **values}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def _load(name: str, model, params: Params, limit: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    image_size = model.patch_embed.img_size[0]
+    dataset = data.image_dataset(name, data.model_transform(model), limit=limit, seed=seed, path=params.data_path,
+                                 image_size=image_size, num_classes=model.num_classes)
+    images, labels = [], []
+    for x, y in tqdm(data.make_loader(dataset, params.batch_size), desc=f"load {name}", leave=False):
+        images.append(x)
+        labels.append(torch.as_tensor(y))
+    return torch.cat(images), torch.cat(labels)
+
+
+@dataclass
+class Context:
+    """Everything the sweep shares: model, images, dense outputs, calibration scores, the gate."""
+
+    params: Params
+    model: torch.nn.Module
+    images: torch.Tensor
+    labels: torch.Tensor
+    calib_images: torch.Tensor
+    calib_labels: torch.Tensor
+    dense_logits: torch.Tensor
+    dense_flops: int
+    prefix_layer: int
+    prefix_stream: torch.Tensor  # residual stream at the input of block prefix_layer (unpruned)
+    calib_token_scores: dict[int, torch.Tensor]
+    head_scores: dict[str, torch.Tensor]  # method -> [L, H] mean over calibration images
+    calib_head_raw: torch.Tensor  # HEART head scores per calibration image [B, L, H]
+    gate: Any
+    gate_agreement: dict[int, float]
+    oracle_index: torch.Tensor  # evaluation images that have oracle scores
+    oracle_scores: dict[int, torch.Tensor]  # layer -> [n_oracle, N]
+    costs: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def shape(self):
+        return vit_shape(self.model)
+
+
+@torch.no_grad()
+def _logits(model, images: torch.Tensor, batch: int, **kw) -> torch.Tensor:
+    out = []
+    for start in range(0, len(images), batch):
+        sl = slice(start, start + batch)
+        extra = {k: (v[sl] if isinstance(v, torch.Tensor) else {l: s[sl] for l, s in v.items()} if isinstance(v, dict) else v)
+                 for k, v in kw.items()}
+        out.append(model(images[sl] if images is not None else None, **extra).float())
+    return torch.cat(out)
+
+
+def _scores_in_batches(model, images, labels, params: Params, layers, heads: bool, method: str, chunk: int = 16):
+    from heart_lib import sensitivity
+
+    tokens: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
+    head_parts = []
+    for start in tqdm(range(0, len(images), chunk), desc=f"{method} scores", leave=False):
+        s = sensitivity.score_components(model, images[start:start + chunk], layers=tuple(layers) if layers else (),
+                                         heads=heads, method=method, loss="pseudo", probes=params.probes,
+                                         seed=params.seed + start)
+        for l in layers:
+            tokens[l].append(s.tokens[l])
+        if heads:
+            head_parts.append(s.heads)
+    return ({l: torch.cat(v) for l, v in tokens.items()}, torch.cat(head_parts) if heads else None)
+
+
+def prepare(params: Params) -> Context:
+    """Load model and images, score calibration images, train the gate, run the val oracle subset."""
+    torch.manual_seed(params.seed)
+    model = models.create_model(params.model, params.weights, params.num_classes, seed=params.seed,
+                                **params.model_kwargs)
+    images, labels = _load(params.dataset, model, params, params.limit, params.seed)
+    calib_images, calib_labels = _load(params.calib_dataset, model, params, params.calib_limit, params.seed + 1)
+    costs: dict[str, float] = {}
+    t0 = time.perf_counter()
+    dense_logits = _logits(model, images, params.batch_size)
+    costs["dense_eval_seconds"] = time.perf_counter() - t0
+    prefix_layer = min(params.layers) - 1
+    stream = block_inputs(model, images, (prefix_layer,), params.batch_size)[prefix_layer] if prefix_layer > 0 else None
+
+    layers = tuple(params.layers)
+    t0 = time.perf_counter()
+    calib_tokens, calib_heads = _scores_in_batches(model, calib_images, calib_labels, params, layers, True, "heart")
+    costs["calib_heart_seconds_per_image"] = (time.perf_counter() - t0) / len(calib_images)
+    head_scores = {"heart": calib_heads.nanmean(0)}
+    for method in params.head_methods:
+        if method not in head_scores:
+            _, h = _scores_in_batches(model, calib_images, calib_labels, params, (), True, method)
+            head_scores[method] = h.nanmean(0)
+
+    # Gate: trained on 3/4 of the calibration images, agreement measured on the rest.
+    feats = block_inputs(model, calib_images, layers, params.batch_size)
+    split = max(1, (3 * len(calib_images)) // 4)
+    prefix = model.num_prefix_tokens
+    gate = train_token_gate({l: f[:split] for l, f in feats.items()}, {l: s[:split] for l, s in calib_tokens.items()},
+                            prefix, hidden=params.gate_hidden, epochs=params.gate_epochs, seed=params.seed)
+    held = slice(split, None) if split < len(calib_images) else slice(None)
+    agreement = gate_rank_agreement(gate, {l: f[held] for l, f in feats.items()},
+                                    {l: s[held] for l, s in calib_tokens.items()}, prefix)
+
+    n_oracle = min(params.oracle_limit, len(images))
+    oracle_index = torch.randperm(len(images), generator=torch.Generator().manual_seed(params.seed))[:n_oracle].sort().values
+    t0 = time.perf_counter()
+    oracle_scores, _ = _scores_in_batches(model, images[oracle_index], None, params, layers, False, params.oracle_method)
+    costs["oracle_seconds_per_image"] = (time.perf_counter() - t0) / n_oracle
+    costs["oracle_flops_per_image"] = _oracle_flops(model, images[:1], params)
+    return Context(params, model, images, labels, calib_images, calib_labels, dense_logits, count_flops(model),
+                   max(prefix_layer, 0), stream, calib_tokens, head_scores, calib_heads, gate, agreement,
+                   oracle_index, oracle_scores, costs)
+
+
+def _oracle_flops(model, image: torch.Tensor, params: Params) -> float:
+    """FLOPs FlopCounterMode counts for the oracle on one image (forward, backward and HVP passes)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from heart_lib import sensitivity
+    from heart_lib.flops import CPU_SDPA_MAPPING
+
+    with FlopCounterMode(display=False, custom_mapping=CPU_SDPA_MAPPING) as counter:
+        sensitivity.score_tokens(model, image, layers=list(params.layers), method=params.oracle_method,
+                                 probes=params.probes, seed=params.seed)
+    return float(counter.get_total_flops())
+
+
+# ------------------------------------------------------------------------------------------ configs
+
+
+@dataclass(frozen=True)
+class Item:
+    family: str  # token | head | joint | budget | per_input | dense
+    method: str  # selector / head method / peer
+    level: str  # the level's label (target)
+    config: PruningConfig
+    subset: bool = False  # evaluated on the oracle subset only
+
+
+def _reduction(ctx: Context, config: PruningConfig) -> float:
+    return 1.0 - count_flops(config, base=ctx.model, gate_hidden=ctx.params.gate_hidden) / ctx.dense_flops
+
+
+def _match_keep(ctx: Context, target: float, selector: str, heads=(), **kw) -> PruningConfig:
+    """The symmetric keep ratio (step 0.005) whose FLOPs reduction is nearest `target`."""
+    best = None
+    for keep in np.arange(1.0, 0.05, -0.005):
+        config = PruningConfig(layers=tuple(ctx.params.layers), keep=(round(float(keep), 3),), selector=selector,
+                               heads=heads, **kw)
+        gap = abs(_reduction(ctx, config) - target)
+        if best is None or gap < best[0] - 1e-12:
+            best = (gap, config)
+    return best[1]
+
+
+def tome_config(r: int, num_patches: int, depth: int, heads=()) -> PruningConfig:
+    """ToMe's constant-r schedule (r merges in every block) as per-layer keep ratios."""
+    keeps, n = [], num_patches
+    for _ in range(depth):
+        r_eff = min(r, (n + 1) // 2)
+        keeps.append((n - r_eff) / n if n > 0 else 1.0)
+        n -= r_eff
+    return PruningConfig(layers=tuple(range(depth)), keep=tuple(keeps), selector="tome", heads=heads)
+
+
+def _match_tome(ctx: Context, target: float) -> PruningConfig:
+    shape = ctx.shape
+    n, depth = shape.num_patches(), len(shape.blocks)
+    options = [tome_config(r, n, depth) for r in range(0, n // 2 + 1)]
+    return min(options, key=lambda c: abs(_reduction(ctx, c) - target))
+
+
+def _heads_for(ctx: Context, scores: torch.Tensor, target: float, base: PruningConfig | None = None
+               ) -> dict[int, tuple[int, ...]]:
+    """Remove the lowest-scored heads (at most H-1 per layer) until the FLOPs reduction is nearest `target`."""
+    base = base or PruningConfig()
+    flat = [(float(scores[l, h]), l, h) for l in range(scores.shape[0]) for h in range(scores.shape[1])
+            if not math.isnan(float(scores[l, h]))]
+    flat.sort()
+    removed: dict[int, list[int]] = {}
+    best = (abs(_reduction(ctx, base) - target), {})
+    limit = {l: b.heads - 1 for l, b in enumerate(ctx.shape.blocks)}
+    for _, l, h in flat:
+        if len(removed.get(l, [])) >= limit[l]:
+            continue
+        removed.setdefault(l, []).append(h)
+        heads = {k: tuple(v) for k, v in removed.items()}
+        gap = abs(_reduction(ctx, base.replace(heads=heads)) - target)
+        if gap < best[0]:
+            best = (gap, heads)
+        elif _reduction(ctx, base.replace(heads=heads)) > target:
+            break
+    return best[1]
+
+
+def sweep_items(ctx: Context) -> list[Item]:
+    """Every configuration of the sweep, FLOPs-matched (see module docstring)."""
+    p = ctx.params
+    items = [Item("dense", "unpruned", "0", PruningConfig())]
+    levels = [(f"keep {k:g}", PruningConfig(layers=tuple(p.layers), keep=(k,), selector="cls_attention"))
+              for k in p.token_keeps]
+    levels += [(f"FLOPs -{100 * t:.1f} %", _match_keep(ctx, t, "cls_attention")) for t in p.flops_targets]
+    for label, reference in levels:
+        target = _reduction(ctx, reference)
+        for selector in p.token_selectors:
+            items.append(Item("token", selector, label, reference.replace(selector=selector, gate="sweep-gate")
+                              if selector == "gate" else reference.replace(selector=selector)))
+        items.append(Item("token", p.oracle_method, label, reference.replace(selector=p.oracle_method), subset=True))
+        for peer in p.peers:
+            config = _match_keep(ctx, target, "evit") if peer == "evit" else _match_tome(ctx, target)
+            items.append(Item("token", peer, label, config))
+    for target in p.head_targets:
+        for method in p.head_methods:
+            items.append(Item("head", method, f"FLOPs -{100 * target:.0f} %",
+                              PruningConfig(heads=_heads_for(ctx, ctx.head_scores[method], target))))
+    for target in p.joint_targets:
+        heads = _heads_for(ctx, ctx.head_scores["heart"], p.joint_head_share)
+        for selector in p.joint_selectors:
+            kw = {"gate": "sweep-gate"} if selector == "gate" else {}
+            config = _match_keep(ctx, target, selector, heads=heads, **kw)
+            items.append(Item("joint", selector, f"FLOPs -{100 * target:.1f} %", config, subset=selector == "heart"))
+    return items
+
+
+def budget_items(ctx: Context) -> tuple[list[Item], dict[str, dict[str, float]]]:
+    """Asymmetric schedules from loss budgets (oracle on the subset, gate on all) and per-input budgets."""
+    p = ctx.params
+    calib = Calibration.from_scores(ctx.calib_token_scores, ctx.calib_head_raw, ctx.model.num_prefix_tokens)
+    items, predicted = [], {}
+    for eps in p.budgets:
+        sched = schedule_for_budget(calib, ctx.shape, eps, layers=tuple(p.layers), selector=p.oracle_method)
+        label = f"ε={eps:g}"
+        predicted[label] = {**sched.predicted, "reduction": sched.reduction}
+        items.append(Item("budget", p.oracle_method, label, sched.config, subset=True))
+        if "gate" in p.token_selectors:
+            items.append(Item("budget", "gate", label, sched.config.replace(selector="gate", gate="sweep-gate")))
+    for eps in p.per_input_budgets:
+        config = PruningConfig(layers=tuple(p.layers), keep=(0.1,), selector=p.oracle_method, per_input_budget=eps)
+        items.append(Item("per_input", p.oracle_method, f"ε={eps:g}", config, subset=True))
+    return items, predicted
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def evaluate_item(ctx: Context, item: Item) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """Evaluate one configuration: (summary row, per-image loss, per-image correctness)."""
+    p = ctx.params
+    index = ctx.oracle_index if item.subset else torch.arange(len(ctx.images))
+    pruned = prune(ctx.model, item.config, gate=ctx.gate if item.config.selector == "gate" else None)
+    kwargs: dict[str, Any] = {}
+    if item.config.selector in ("heart", "heart_hutchinson", "heart_exact") and item.config.layers:
+        kwargs["oracle"] = ctx.oracle_scores  # precomputed per input (cost reported separately)
+    use_stream = (ctx.prefix_stream is not None and item.family != "dense"
+                  and pruned.first_changed_block() >= ctx.prefix_layer)
+    t0 = time.perf_counter()
+    if item.family == "dense":
+        logits = ctx.dense_logits[index]
+    elif use_stream:
+        logits = _logits(pruned, None, p.batch_size, tokens=ctx.prefix_stream[index], start_layer=ctx.prefix_layer,
+                         **kwargs)
+    else:
+        logits = _logits(pruned, ctx.images[index], p.batch_size, **kwargs)
+    seconds = time.perf_counter() - t0
+    labels = ctx.labels[index]
+    dense = ctx.dense_logits[index]
+    loss = F.cross_entropy(logits, labels, reduction="none")
+    pseudo = F.cross_entropy(logits, dense.argmax(-1), reduction="none")
+    dense_loss = F.cross_entropy(dense, labels, reduction="none")
+    dense_pseudo = F.cross_entropy(dense, dense.argmax(-1), reduction="none")
+    correct = (logits.argmax(-1) == labels).numpy()
+    hits, n = int(correct.sum()), len(correct)
+    lo, hi = wilson_interval(hits, n)
+    dense_hits = int((dense.argmax(-1) == labels).sum())
+    if item.config.per_input_budget is not None:
+        # FLOPs of each input from the token counts it actually ran with
+        flops = float(np.mean([count_flops_from_counts(ctx, item.config, c) for c in pruned.record.counts]))
+    else:
+        flops = float(count_flops(pruned))
+    row = {
+        "family": item.family, "method": item.method, "level": item.level, "config": item.config.to_string(),
+        "images": "oracle subset" if item.subset else "all", "n": n,
+        "flops": flops, "gflops": flops / 1e9, "flops_reduction": 1 - flops / ctx.dense_flops,
+        "top1": hits / n, "top1_lo": lo, "top1_hi": hi, "dense_top1_same_images": dense_hits / n,
+        "loss": float(loss.mean()), "loss_increase": float((loss - dense_loss).mean()),
+        "pseudo_loss_increase": float((pseudo - dense_pseudo).mean()),
+        "agreement_with_dense": float((logits.argmax(-1) == dense.argmax(-1)).float().mean()),
+        "heads_removed": sum(len(h) for _, h in item.config.heads), "eval_seconds": seconds,
+    }
+    return row, loss.numpy(), correct
+
+
+def count_flops_from_counts(ctx: Context, config: PruningConfig, counts) -> float:
+    from heart_lib.flops import analytic_flops
+
+    return analytic_flops(ctx.shape.without_heads(config.head_map), config, counts=counts)["total"]
+
+
+def flops_check(ctx: Context, items: list[Item]) -> pd.DataFrame:
+    """Analytic vs FlopCounterMode FLOPs on one image, for every fixed-count configuration."""
+    rows = []
+    for item in items:
+        if item.config.per_input_budget is not None:
+            continue
+        pruned = prune(ctx.model, item.config, gate=ctx.gate if item.config.selector == "gate" else None)
+        kwargs = {"oracle": {l: s[:1] for l, s in ctx.oracle_scores.items()}} if item.config.selector.startswith("heart") and item.config.layers else {}
+        counted = counted_flops(pruned, images=ctx.images[ctx.oracle_index[:1]], **kwargs)
+        analytic = count_flops(pruned)
+        rows.append({"family": item.family, "method": item.method, "level": item.level,
+                     "config": item.config.to_string(), "analytic": analytic, "counted": counted,
+                     "relative_error": (analytic - counted) / counted})
+    return pd.DataFrame(rows).drop_duplicates("config")
+
+
+# ------------------------------------------------------------------------------------------ run
+
+
+def run(params: Params, out: Path) -> dict[str, pd.DataFrame]:
+    """The whole sweep; writes its tables under `out` and returns them. Reuses a finished sweep
+    with identical parameters when `params.reuse` (the tables say which parameters made them)."""
+    out = Path(out)
+    meta_path = out / "sweep.meta.json"
+    if params.reuse and meta_path.is_file() and results.read_json(meta_path).get("params_key") == params.key():
+        return load_tables(out)
+    ctx = prepare(params)
+    items = sweep_items(ctx)
+    b_items, predicted = budget_items(ctx)
+    rows, per_image = [], {}
+    for item in tqdm(items + b_items, desc="sweep", leave=False):
+        row, loss, correct = evaluate_item(ctx, item)
+        rows.append(row)
+        per_image[f"{item.family}|{item.method}|{item.level}|{row['images']}"] = correct
+    sweep = pd.DataFrame(rows)
+    budget = _budget_table(ctx, sweep, predicted)
+    checks = flops_check(ctx, items + b_items)
+    costs = {**ctx.costs, "dense_flops": ctx.dense_flops, "oracle_images": len(ctx.oracle_index),
+             "oracle_flops_over_dense_forward": ctx.costs["oracle_flops_per_image"] / ctx.dense_flops,
+             "gate_params": sum(p.numel() for p in ctx.gate.parameters()),
+             "gate_spearman_heldout": {str(k): v for k, v in ctx.gate_agreement.items()}}
+    meta = {"params": asdict(params), "params_key": params.key()}
+    results.write_table(out / "sweep.csv", sweep, meta=meta)
+    results.write_table(out / "budget.csv", budget, meta=meta)
+    results.write_table(out / "flops_check.csv", checks, meta=meta)
+    results.write_json(out / "costs.json", costs)
+    # meta last: its presence marks a finished sweep
+    results.write_json(meta_path, {**results.run_metadata(), **meta})
+    return load_tables(out)
+
+
+def _budget_table(ctx: Context, sweep: pd.DataFrame, predicted: dict[str, dict[str, float]]) -> pd.DataFrame:
+    rows = []
+    for label, pred in predicted.items():
+        for _, r in sweep[(sweep.family == "budget") & (sweep.level == label)].iterrows():
+            rows.append({"budget": label, "selector": r["method"], "images": r["images"], "config": r["config"],
+                         "predicted_loss_increase": pred["total"], "predicted_tokens": pred["tokens"],
+                         "predicted_heads": pred["heads"], "measured_pseudo_loss_increase": r["pseudo_loss_increase"],
+                         "measured_loss_increase": r["loss_increase"], "flops_reduction": r["flops_reduction"],
+                         "top1": r["top1"], "top1_lo": r["top1_lo"], "top1_hi": r["top1_hi"]})
+    return pd.DataFrame(rows)
+
+
+def load_tables(out: Path) -> dict[str, pd.DataFrame]:
+    out = Path(out)
+    tables = {name: results.read_table(out / f"{name}.csv") for name in ("sweep", "budget", "flops_check")}
+    tables["costs"] = results.read_json(out / "costs.json")
+    return tables
+
+
+# ------------------------------------------------------------------------------------------ display
+
+
+def accuracy_table(sweep: pd.DataFrame, family: str) -> pd.DataFrame:
+    """One family's rows as a display table: FLOPs reduction and top-1 with its 95 % Wilson interval."""
+    rows = sweep[sweep.family.isin([family, "dense"])].copy()
+    rows["FLOPs (G)"] = rows["gflops"].map(lambda v: f"{v:.3f}")
+    rows["FLOPs saved"] = rows["flops_reduction"].map(lambda v: f"{100 * v:.1f} %")
+    rows["top-1 (95 % CI)"] = [f"{100 * a:.1f} ({100 * lo:.1f}–{100 * hi:.1f})"
+                               for a, lo, hi in zip(rows.top1, rows.top1_lo, rows.top1_hi)]
+    rows["unpruned, same images"] = rows["dense_top1_same_images"].map(lambda v: f"{100 * v:.1f}")
+    rows["Δloss"] = rows["loss_increase"].map(lambda v: f"{v:+.3f}")
+    return rows[["level", "method", "images", "FLOPs (G)", "FLOPs saved", "top-1 (95 % CI)",
+                 "unpruned, same images", "Δloss", "config"]].reset_index(drop=True)
+
+
+def pareto_figure(sweep: pd.DataFrame, title: str = "Accuracy vs FLOPs (no fine-tuning)"):
+    """Top-1 (with Wilson intervals) against FLOPs saved, one panel per family, one line per method."""
+    from heart_lib import plots
+    import matplotlib.pyplot as plt
+
+    plots.use_style()
+    families = [f for f in ("token", "head", "joint", "budget") if f in set(sweep.family)]
+    fig, axes = plt.subplots(1, len(families), figsize=(5 * len(families), 4), sharey=True, squeeze=False)
+    dense = sweep[sweep.family == "dense"].iloc[0]
+    for ax, family in zip(axes[0], families):
+        part = sweep[sweep.family == family]
+        for (method, images), group in part.groupby(["method", "images"]):
+            group = group.sort_values("flops_reduction")
+            label = f"{method}" + (" (oracle subset)" if images != "all" else "")
+            ax.errorbar(100 * group.flops_reduction, 100 * group.top1,
+                        yerr=[100 * (group.top1 - group.top1_lo), 100 * (group.top1_hi - group.top1)],
+                        marker="o", capsize=3, label=label)
+        ax.axhline(100 * dense.top1, color="grey", ls="--", label="unpruned")
+        ax.set(title=family, xlabel="FLOPs saved (%)", ylabel="top-1 (%)")
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    return fig
+
+
+def budget_figure(budget: pd.DataFrame):
+    """Predicted vs measured loss increase of the budget schedules."""
+    from heart_lib import plots
+    import matplotlib.pyplot as plt
+
+    plots.use_style()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for (selector, images), group in budget.groupby(["selector", "images"]):
+        ax.plot(group.predicted_loss_increase, group.measured_pseudo_loss_increase, "o-",
+                label=f"{selector} ({images}), pseudo-label loss")
+        ax.plot(group.predicted_loss_increase, group.measured_loss_increase, "x--",
+                label=f"{selector} ({images}), true-label loss")
+    top = float(max(budget.predicted_loss_increase.max(), budget.measured_pseudo_loss_increase.max(), 1e-3))
+    ax.plot([0, top], [0, top], color="grey", ls=":", label="measured = predicted")
+    ax.set(xlabel="predicted ΔL (nats)", ylabel="measured ΔL (nats)", title="Loss budget: predicted vs measured")
+    ax.legend(fontsize=7)
+    return fig
