@@ -1,0 +1,5 @@
+import sys
+
+from heart_lib.finetune.cli import run
+
+sys.exit(run())
