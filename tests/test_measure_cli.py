@@ -145,3 +145,36 @@ def test_working_power_source_gives_energy_per_image_and_low_overhead():
     assert row["energy_per_image_j"] == pytest.approx(row["energy_total_j"] / images)
     assert row["idle_power_w"] == pytest.approx(10.0) and row["energy_above_idle_j"] == pytest.approx(0.0, abs=1e-6)
     assert row["sampler_overhead_frac"] < 0.01
+
+
+def test_contended_runs_are_kept_marked_and_measured_again(tmp_path, monkeypatch):
+    from heart_lib.measure import run as run_mod
+
+    shares = iter([0.3, 0.95, 0.5, 0.4, 0.2])
+
+    def fake_measure(spec, source=None, build=None):
+        row = run_mod._blank_row(spec)
+        row.update(cpu_share=next(shares), latency_median_ms=10.0, load_avg_1m_start=3.0, device_name="d")
+        return row, {}
+
+    monkeypatch.setattr(run_mod, "measure_one", fake_measure)
+    specs = run_mod.expand(["m"], ["none"], [1], 2)
+    rows = run_mod.run_session(specs, tmp_path, "s", fresh_process=False, log=lambda _: None,
+                               discipline=run_mod.Discipline(min_cpu_share=0.9, max_retries=2))
+    # run 0: contended, then ok on the second attempt; run 1: contended three times (retries exhausted)
+    assert rows["status"].tolist() == ["contended", "ok", "contended", "contended", "contended"]
+    assert rows["attempt"].tolist() == [0, 1, 0, 1, 2] and rows["repeat"].tolist() == [0, 0, 1, 1, 1]
+    assert rows["status_detail"].iloc[0].startswith("cpu_share 0.30 < 0.9")
+    assert tables.summarize(rows)["runs_ok"].iloc[0] == 1  # only the clean run enters the medians
+
+
+def test_waiting_for_a_quiet_machine(monkeypatch):
+    from heart_lib.measure import run as run_mod
+
+    loads = iter([5.0, 4.0, 1.0])
+    monkeypatch.setattr(run_mod, "_load_average", lambda: next(loads))
+    waited = run_mod.wait_for_quiet(2.0, max_wait_s=10.0, poll_s=0.01)
+    assert 0.015 < waited < 1.0
+    assert run_mod.wait_for_quiet(None, 10.0) == 0.0
+    with pytest.raises(ValueError, match="min_cpu_share"):
+        run_mod.Discipline(min_cpu_share=1.5).check()

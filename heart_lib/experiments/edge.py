@@ -33,11 +33,16 @@ class Params:
     live_batches: list[int] = field(default_factory=lambda: [1])
     live_repeats: int = 2
     live_min_time_s: float = 0.2
+    # CPU runs whose CPU share (process CPU time / wall / threads) fell below this had competition
+    # for their cores: they are marked 'contended' and left out of the medians (0 = keep all).
+    min_cpu_share: float = 0.0
     seed: int = 0
 
     def check(self) -> None:
         if self.live_repeats < 1:
             raise ValueError(f"parameter 'live_repeats' = {self.live_repeats}: must be a positive integer")
+        if not 0 <= self.min_cpu_share <= 1:
+            raise ValueError(f"parameter 'min_cpu_share' = {self.min_cpu_share}: must be in [0, 1]")
         if self.live_min_time_s < 0:
             raise ValueError(f"parameter 'live_min_time_s' = {self.live_min_time_s}: must be >= 0")
         if any(b < 1 for b in self.live_batches) or not self.live_batches:
@@ -98,11 +103,30 @@ def load(params: Params, out: Path) -> pd.DataFrame:
         raise FileNotFoundError(f"no measurements under {root} and no live measurement configured; "
                                 "run `python -m heart_lib measure` (see the edge how-to)")
     runs = pd.concat(frames, ignore_index=True, sort=False)
+    runs = mark_contended(runs, params.min_cpu_share)
     if params.devices is not None:
         runs = runs[runs["device_name"].isin(params.devices)]
     if params.models is not None:
         runs = runs[runs["model"].isin(params.models)]
     return runs.reset_index(drop=True)
+
+
+def mark_contended(runs: pd.DataFrame, min_cpu_share: float) -> pd.DataFrame:
+    """Mark successful CPU runs whose CPU share is below `min_cpu_share` as 'contended' (kept, not medianed).
+
+    The same rule as `measure --min-cpu-share`, applied afterwards to sessions measured without it.
+    GPU runs are left alone: their host thread mostly waits, so the share says nothing there.
+    """
+    runs = runs.copy()
+    if min_cpu_share <= 0 or "cpu_share" not in runs:
+        return runs
+    share = pd.to_numeric(runs["cpu_share"], errors="coerce")
+    on_cpu = runs.get("device", pd.Series("cpu", index=runs.index)).astype(str).eq("cpu")
+    mask = runs["status"].eq("ok") & on_cpu & share.lt(min_cpu_share)
+    runs.loc[mask, "status"] = "contended"
+    runs.loc[mask, "status_detail"] = [f"cpu_share {v:.2f} < {min_cpu_share} (filtered by the edge chapter)"
+                                       for v in share[mask]]
+    return runs
 
 
 def device_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -118,6 +142,7 @@ def device_table(runs: pd.DataFrame) -> pd.DataFrame:
         ok = group[group["status"] == "ok"]
         row["runs"] = len(group)
         row["runs_ok"] = len(ok)
+        row["runs_contended"] = int(group["status"].eq("contended").sum())
         row["fresh_process_share"] = float(ok["fresh_process"].astype(bool).mean()) if len(ok) else math.nan
         for col in ("cpu_share", "load_avg_1m_start"):
             row[f"median_{col}"] = float(pd.to_numeric(ok[col], errors="coerce").median()) if col in ok and len(ok) else math.nan

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from heart_lib.measure import bench, energy, fingerprint
-from heart_lib.measure.run import RunSpec, expand, new_session_id, run_session
+from heart_lib.measure.run import Discipline, RunSpec, expand, new_session_id, run_session
 
 
 def _int_list(text: str) -> list[int]:
@@ -61,6 +61,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     how.add_argument("--memory-headroom", type=float, default=0.8,
                      help="CPU: skip a batch predicted to need more than this fraction of available memory")
     how.add_argument("--timeout", type=float, default=None, help="seconds allowed per fresh-process run")
+    shared = parser.add_argument_group("shared machines (CPU)")
+    shared.add_argument("--max-load", type=float, default=None,
+                        help="wait before each run until the 1-minute load average is at most this")
+    shared.add_argument("--max-wait", type=float, default=300.0, help="longest wait for --max-load, s (300)")
+    shared.add_argument("--min-cpu-share", type=float, default=0.0,
+                        help="mark a run 'contended' and measure it again when its CPU time / (wall x threads) "
+                             "falls below this (e.g. 0.9; default off)")
+    shared.add_argument("--max-retries", type=int, default=2, help="re-measurements of a contended run (2)")
     en = parser.add_argument_group("energy")
     en.add_argument("--energy", choices=energy.ENERGY_CHOICES, default="auto",
                     help="power source; auto tries jtop, tegrastats, then NVML (GPU) or RAPL (CPU)")
@@ -111,7 +119,9 @@ def _check(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--threads = {threads}: must be a positive integer")
     overrides = {"device_name": args.device_name, "nvpmodel": args.power_mode, "jetson_clocks": args.jetson_clocks,
                  "notes": args.notes}
-    return {"device": device, "models": names, "prunings": prunings, "model_kwargs": model_kwargs,
+    discipline = Discipline(args.max_load, args.max_wait, args.min_cpu_share, args.max_retries)
+    discipline.check()
+    return {"discipline": discipline, "device": device, "models": names, "prunings": prunings, "model_kwargs": model_kwargs,
             "threads": threads, "overrides": {k: v for k, v in overrides.items() if v is not None}}
 
 
@@ -144,7 +154,7 @@ def main(args: argparse.Namespace) -> int:
         "options": {k: v for k, v in vars(args).items() if k != "func"}, "runs_planned": len(specs),
         "fresh_process": not args.in_process})
     rows = run_session(specs, out, session, fresh_process=not args.in_process, timeout_s=args.timeout,
-                       facts=info)
+                       facts=info, discipline=checked["discipline"])
     print(f"wrote {out / (session + '.csv')} ({len(rows)} runs)")
     _print_summary(rows)
     return 0 if (rows["status"] == "ok").any() or not len(rows) else 1

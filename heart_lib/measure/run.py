@@ -63,10 +63,13 @@ class RunSpec:
     memory_headroom: float = 0.8
     overrides: dict[str, Any] = field(default_factory=dict)  # fingerprint facts given on the command line
 
+    attempt: int = 0  # > 0: a repetition of a run discarded for contention
+
     @property
     def run_id(self) -> str:
         slug = "none" if self.pruning == "none" else fingerprint._slug(self.pruning)[:60]
-        return f"{self.model}__{slug}__b{self.batch_size}__r{self.repeat}"
+        again = f"__a{self.attempt}" if self.attempt else ""
+        return f"{self.model}__{slug}__b{self.batch_size}__r{self.repeat}{again}"
 
     def timing(self) -> bench.TimingSettings:
         return bench.TimingSettings(self.warmup_iters, self.min_iters, self.min_time_s)
@@ -75,7 +78,8 @@ class RunSpec:
 def _blank_row(spec: RunSpec) -> dict[str, Any]:
     return {
         "session": spec.session, "run_id": spec.run_id, "model": spec.model, "pruning": spec.pruning,
-        "batch_size": spec.batch_size, "repeat": spec.repeat, "precision": spec.precision, "threads": spec.threads,
+        "batch_size": spec.batch_size, "repeat": spec.repeat, "attempt": spec.attempt, "precision": spec.precision,
+        "threads": spec.threads,
         "status": OK, "status_detail": "", "fresh_process": True,
         "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -230,7 +234,7 @@ COLUMN_ORDER = ("session", "run_id", "device_name", "model", "pruning", "batch_s
                 "energy_source", "energy_status", "energy_per_image_j", "energy_per_image_above_idle_j",
                 "energy_total_j", "energy_above_idle_j", "mean_power_w", "idle_power_w", "idle_s",
                 "energy_reason", "energy_status_detail", "precision", "threads", "cpu_share",
-                "load_avg_1m_start", "load_avg_1m_end")
+                "load_avg_1m_start", "load_avg_1m_end", "attempt", "waited_for_quiet_s")
 
 
 def tidy(rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -248,15 +252,52 @@ def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     results.write_table(path, tidy(rows))
 
 
+@dataclass(frozen=True)
+class Discipline:
+    """Guards for a shared machine (all off by default).
+
+    max_load: before each run, wait (up to max_wait_s) until the 1-minute load average is at most
+    this. min_cpu_share: a run whose CPU share (process CPU time / wall time / threads) falls below
+    this had competition for its cores; it is kept with status ``contended`` and measured again,
+    up to max_retries times. Meaningful on CPUs only: on a GPU the host thread mostly waits.
+    """
+
+    max_load: float | None = None
+    max_wait_s: float = 300.0
+    min_cpu_share: float = 0.0
+    max_retries: int = 2
+
+    def check(self) -> None:
+        if self.max_load is not None and self.max_load <= 0:
+            raise ValueError(f"max_load = {self.max_load}: must be positive")
+        if not 0 <= self.min_cpu_share <= 1:
+            raise ValueError(f"min_cpu_share = {self.min_cpu_share}: must be in [0, 1]")
+        if self.max_retries < 0 or self.max_wait_s < 0:
+            raise ValueError(f"max_retries ({self.max_retries}) and max_wait_s ({self.max_wait_s}) must be >= 0")
+
+
+def wait_for_quiet(max_load: float | None, max_wait_s: float, poll_s: float = 5.0) -> float:
+    """Sleep until the 1-minute load average is at most `max_load`; returns the seconds waited."""
+    if max_load is None:
+        return 0.0
+    start = time.perf_counter()
+    while _load_average() > max_load and time.perf_counter() - start < max_wait_s:
+        time.sleep(poll_s)
+    return time.perf_counter() - start
+
+
 def run_session(specs: Iterable[RunSpec], out: Path, session: str, fresh_process: bool = True,
                 log: Callable[[str], None] = print, timeout_s: float | None = None,
-                facts: dict[str, Any] | None = None) -> pd.DataFrame:
+                facts: dict[str, Any] | None = None, discipline: Discipline = Discipline()) -> pd.DataFrame:
     """Measure every spec (grouped by configuration, repeats consecutive); returns the tidy rows.
 
     facts: the session's device fingerprint, stamped on rows of runs that died before stamping their own.
+    A configuration whose first run fails (e.g. out of memory) is not retried: its other repeats
+    are recorded as ``skipped`` and the session goes on.
     """
     from heart_lib import results
 
+    discipline.check()
     out = Path(out)
     raw_dir = out / "raw" / session
     rows: list[dict[str, Any]] = []
@@ -272,25 +313,36 @@ def run_session(specs: Iterable[RunSpec], out: Path, session: str, fresh_process
             rows.append(row)
             _write_rows(csv_path, rows)
             continue
-        spec = dataclasses.replace(spec, session=session, count_flops=key not in first_flops)
-        start = time.perf_counter()
-        row, raw = run_in_fresh_process(spec, timeout_s) if fresh_process else measure_one(spec)
-        row["fresh_process"] = fresh_process
-        for name in ROW_FINGERPRINT:
-            if row.get(name) is None and facts and facts.get(name) is not None:
-                row[name] = facts[name]
-        flops_fields = {k: v for k, v in row.items() if k.startswith("flops_") or k == "params_m"}
-        if key not in first_flops and "flops_per_image" in flops_fields:
-            first_flops[key] = flops_fields
-        elif key in first_flops:
-            row.update({k: v for k, v in first_flops[key].items() if k not in row or _is_nan(row[k])})
-        config_facts.setdefault(key, {k: row.get(k) for k in ROW_FINGERPRINT + ("energy_source", "energy_reason")})
-        if row["status"] != OK and spec.repeat == 0:
+        for attempt in range(discipline.max_retries + 1):
+            spec = dataclasses.replace(spec, session=session, count_flops=key not in first_flops, attempt=attempt)
+            waited = wait_for_quiet(discipline.max_load, discipline.max_wait_s)
+            start = time.perf_counter()
+            row, raw = run_in_fresh_process(spec, timeout_s) if fresh_process else measure_one(spec)
+            row["fresh_process"] = fresh_process
+            row["waited_for_quiet_s"] = waited
+            for name in ROW_FINGERPRINT:
+                if row.get(name) is None and facts and facts.get(name) is not None:
+                    row[name] = facts[name]
+            flops_fields = {k: v for k, v in row.items() if k.startswith("flops_") or k == "params_m"}
+            if key not in first_flops and "flops_per_image" in flops_fields:
+                first_flops[key] = flops_fields
+            elif key in first_flops:
+                row.update({k: v for k, v in first_flops[key].items() if k not in row or _is_nan(row[k])})
+            config_facts.setdefault(key, {k: row.get(k) for k in ROW_FINGERPRINT + ("energy_source", "energy_reason")})
+            share = row.get("cpu_share", math.nan)
+            contended = row["status"] == OK and discipline.min_cpu_share > 0 and share < discipline.min_cpu_share
+            if contended:
+                row.update(status="contended", status_detail=(
+                    f"cpu_share {share:.2f} < {discipline.min_cpu_share}: other processes competed for the cores "
+                    f"(1-min load {row.get('load_avg_1m_start', math.nan):.1f} at the start)"))
+            rows.append(row)
+            results.write_json(raw_dir / f"{spec.run_id}.json", {"row": row, **raw})
+            _write_rows(csv_path, rows)
+            log(_progress_line(row, time.perf_counter() - start))
+            if not contended:
+                break
+        if row["status"] not in (OK, "contended") and spec.repeat == 0:
             failed_configs[key] = f"{row['status']}: {row['status_detail'][:200]}"
-        rows.append(row)
-        results.write_json(raw_dir / f"{spec.run_id}.json", {"row": row, **raw})
-        _write_rows(csv_path, rows)
-        log(_progress_line(row, time.perf_counter() - start))
     return tidy(rows)
 
 
@@ -300,14 +352,17 @@ def _is_nan(value: Any) -> bool:
 
 def _progress_line(row: dict[str, Any], wall: float) -> str:
     head = f"{row['model']} [{row['pruning']}] b={row['batch_size']} run {row['repeat']}"
-    if row["status"] != OK:
+    if row["status"] not in (OK, "contended"):
         return f"{head}: {row['status']} - {row['status_detail'][:160]} ({wall:.0f} s)"
-    text = (f"{head}: {row['latency_median_ms']:.1f} ms/batch, {row['throughput_img_s']:.2f} img/s, "
-            f"peak {row['peak_memory_mb']:.0f} MiB")
+    nan = math.nan
+    text = (f"{head}: {row.get('latency_median_ms', nan):.1f} ms/batch, {row.get('throughput_img_s', nan):.2f} img/s, "
+            f"peak {row.get('peak_memory_mb', nan):.0f} MiB")
     if row.get("energy_status") == OK:
         text += f", {row['energy_per_image_j']:.3f} J/img ({row['energy_per_image_above_idle_j']:.3f} above idle)"
     else:
         text += f", energy: {row.get('energy_status')}"
+    if row["status"] == "contended":
+        text += f" [contended, attempt {row.get('attempt', 0)}: {row['status_detail'][:40]}]"
     return text + f" ({wall:.0f} s)"
 
 
