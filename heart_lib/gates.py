@@ -18,6 +18,7 @@ only on timm's explicit attention path, see `heart_lib._compat.non_fused_attenti
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -241,21 +242,32 @@ def hook_count(model: nn.Module) -> int:
     return total
 
 
+# Whether running `blocks[start:] -> norm -> forward_head` reproduces a model's forward; checked
+# once per model instance (the check costs two forwards).
+_TAIL_OK: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
 class BlockRunner:
     """Re-run a ViT from the input of any block, reusing one recorded forward of `images`.
 
     Leave-one-out and per-layer curvature only depend on what happens downstream of the gated
     block, so starting there saves the upstream blocks. The tail is timm's own modules
-    (`blocks[start:]`, `norm`, `forward_head`); it is checked once against the model's full
-    forward, and if they differ (a model whose forward does more) every call runs the full model.
+    (`blocks[start:]`, `norm`, `forward_head`); it is checked once per model against the model's
+    full forward, and if they differ (a model whose forward does more) every call runs the full
+    model. `record=False` skips the recording forward: then only `logits_from(0)` (the model's
+    own forward) is available.
     """
 
-    def __init__(self, model: nn.Module, images: torch.Tensor, *, check_tol: float = 1e-5):
+    def __init__(self, model: nn.Module, images: torch.Tensor, *, record: bool = True, check_tol: float = 1e-5):
         self.model, self.images = model, images
         self.info = vit_info(model)
-        inputs: dict[int, torch.Tensor] = {}
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.logits: torch.Tensor | None = None
+        self.tail_ok = False
+        if not record:
+            return
         handles = [block.register_forward_pre_hook(
-            lambda module, args, kwargs, i=i: inputs.__setitem__(i, args[0].detach()), with_kwargs=True)
+            lambda module, args, kwargs, i=i: self.inputs.__setitem__(i, args[0].detach()), with_kwargs=True)
             for i, block in enumerate(model.blocks)]
         try:
             with torch.no_grad():
@@ -263,22 +275,26 @@ class BlockRunner:
         finally:
             for handle in handles:
                 handle.remove()
-        self.inputs = inputs
-        self.tail_ok = len(inputs) == self.info.depth and self._tail_matches(check_tol)
+        if len(self.inputs) == self.info.depth:
+            if model not in _TAIL_OK:
+                _TAIL_OK[model] = self._tail_matches(check_tol)
+            self.tail_ok = _TAIL_OK[model]
 
-    def _tail(self, start: int) -> torch.Tensor:
-        x = self.inputs[start]
+    @property
+    def num_tokens(self) -> int:
+        return self.inputs[0].shape[1]
+
+    def _tail(self, x: torch.Tensor, start: int) -> torch.Tensor:
         for block in list(self.model.blocks)[start:]:
             x = block(x)
         return self.model.forward_head(self.model.norm(x))
 
     def _tail_matches(self, tol: float) -> bool:
-        needed = ("norm", "forward_head")
-        if not all(hasattr(self.model, n) for n in needed):
+        if not all(hasattr(self.model, n) for n in ("norm", "forward_head")):
             return False
         with torch.no_grad():
             try:
-                tail = self._tail(0)
+                tail = self._tail(self.inputs[0], 0)
             except Exception:  # noqa: BLE001 - any failure means: do not use the shortcut
                 return False
         scale = self.logits.abs().max().clamp_min(1.0)
@@ -287,15 +303,12 @@ class BlockRunner:
     def logits_from(self, start: int, repeat: int = 1) -> torch.Tensor:
         """Model output computed from block `start`'s recorded input (gates apply as attached).
 
+        start = 0 (or a model whose tail check failed) runs the model's own forward on the images.
         `repeat` > 1 stacks the batch that many times (replica r = rows r*B..(r+1)*B-1), so one
         call can evaluate several gate settings at once.
         """
-        if not self.tail_ok:
+        if start == 0 or not self.tail_ok:
             images = self.images.repeat(repeat, *([1] * (self.images.dim() - 1))) if repeat > 1 else self.images
             return self.model(images)
         x = self.inputs[start]
-        if repeat > 1:
-            x = x.repeat(repeat, 1, 1)
-        for block in list(self.model.blocks)[start:]:
-            x = block(x)
-        return self.model.forward_head(self.model.norm(x))
+        return self._tail(x.repeat(repeat, 1, 1) if repeat > 1 else x, start)

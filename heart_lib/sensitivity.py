@@ -184,16 +184,21 @@ def _groups(info, token_layers: tuple[int, ...], head_layers: tuple[int, ...]) -
 
 
 def _loss_fn(runner: BlockRunner, gates: GateSet, groups: list[tuple[str, int]], loss: str,
-             labels: torch.Tensor | None, start: int):
+             labels: torch.Tensor | None, start: int, stash: dict | None):
     """f(*gate tensors) = Σ_b ℓ_b, running the model from block `start`.
 
-    The pseudo label / KL target is the unpruned output, recorded by the runner without grad.
+    The pseudo label / KL target is the output of this same forward, detached: at m = 1 it is the
+    unpruned output, and no extra forward is spent on it. `stash` (if given) receives the
+    per-image losses (plain autograd only; torch.func transforms must not leak tensors).
     """
     def fn(*values: torch.Tensor) -> torch.Tensor:
         for (kind, layer), value in zip(groups, values):
             (gates.token if kind == "token" else gates.head)[layer] = value
         logits = runner.logits_from(start)
-        return per_image_loss(logits, loss, labels, runner.logits).sum()
+        per_image = per_image_loss(logits, loss, labels, logits.detach())
+        if stash is not None:
+            stash.setdefault("loss", per_image.detach())
+        return per_image.sum()
     return fn
 
 
@@ -227,30 +232,32 @@ def gate_derivatives(model: nn.Module, images: torch.Tensor, *, token_layers: It
     with _fp32_and_explicit_attention(model) as dtype, \
             contextlib.ExitStack() as stack:
         images = images.to(dtype)
-        gates = attach_gates(model, token_layers=tl, head_layers=hl)
-        stack.callback(gates.detach)
-        runner = BlockRunner(model, images)
-        per_image = per_image_loss(runner.logits, loss, labels, runner.logits)
-        _report_non_finite(per_image)
-        batch, tokens = images.shape[0], runner.inputs[0].shape[1] if 0 in runner.inputs else None
-        if tokens is None:
-            raise ValueError("could not read the token count of the model's first block")
         groups = _groups(info, tl, hl)
-
-        def ones(group):
-            width = tokens if group[0] == "token" else info.num_heads[group[1]]
-            return torch.ones(batch, width, dtype=dtype, device=images.device)
-
-        out = GateDerivatives(loss=per_image.detach(), grad={}, estimator=curvature_estimator)
         # One operator per group when groups are treated separately (each starts at its own block),
         # else one operator over all groups from the first gated block.
         if curvature_estimator in ("single", "exact") and scope == "layer" or curvature_estimator == "exact":
             plans = [[g] for g in groups]
         else:
             plans = [groups]
-        for plan in plans:
-            start = min(layer for _, layer in plan)
-            fn = _loss_fn(runner, gates, plan, loss, labels, start)
+        starts = [min(layer for _, layer in plan) for plan in plans]
+        gates = attach_gates(model, token_layers=tl, head_layers=hl)
+        stack.callback(gates.detach)
+        # Record block inputs only when some plan can start past block 0 (costs one forward).
+        runner = BlockRunner(model, images, record=any(starts))
+        if runner.logits is not None:
+            _report_non_finite(per_image_loss(runner.logits, loss, labels, runner.logits))
+        batch = images.shape[0]
+        tokens = runner.num_tokens if runner.inputs else _token_count(model, images)
+
+        def ones(group):
+            width = tokens if group[0] == "token" else info.num_heads[group[1]]
+            return torch.ones(batch, width, dtype=dtype, device=images.device)
+
+        stash: dict[str, torch.Tensor] = {}
+        out = GateDerivatives(loss=torch.empty(0), grad={}, estimator=curvature_estimator)
+        for plan, start in zip(plans, starts):
+            fn = _loss_fn(runner, gates, plan, loss, labels, start,
+                          stash if mode == "double_backward" or curvature_estimator is None else None)
             primals = tuple(ones(g) for g in plan)
             gates.clear()
             if curvature_estimator is None:
@@ -276,7 +283,16 @@ def gate_derivatives(model: nn.Module, images: torch.Tensor, *, token_layers: It
                 diag, _, grad = curvature.exact_diagonal(fn, primals, batch_dim=True, mode=mode)
                 out.grad.update(dict(zip(plan, grad)))
                 out.curvature.update(dict(zip(plan, diag)))
+            if "loss" in stash:
+                _report_non_finite(stash["loss"])
         gates.clear()
+        if "loss" in stash:
+            out.loss = stash["loss"]
+        else:  # forward-over-reverse: the per-image loss needs its own (no-grad) forward
+            with torch.no_grad():
+                logits = runner.logits if runner.logits is not None else runner.logits_from(0)
+            out.loss = per_image_loss(logits, loss, labels, logits)
+            _report_non_finite(out.loss)
     for key in list(out.grad):  # a NaN gradient with a finite loss is still worth naming
         finite = torch.isfinite(out.grad[key]).flatten(1).all(1)
         if key in out.curvature:

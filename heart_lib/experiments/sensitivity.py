@@ -1,0 +1,508 @@
+"""Sensitivity chapter: how well does each score rank tokens and heads by their real loss change?
+
+For each image, every score of METHOD §2 is computed for the tokens entering the chosen blocks and
+for every head, together with the leave-one-out ground truth ΔL (the measured loss change when
+that one component is removed). The direct test of claim C1 is the rank correlation (Spearman and
+Kendall) between each score and ΔL:
+
+- tokens: per image, across the non-prefix tokens of one layer; then averaged over images (the
+  selection of tokens is per image, so that is the question a token pruner faces);
+- heads: per image across all L×H heads, averaged over images; and, since heads are pruned
+  statically, the correlation between the image-averaged score and the image-averaged ΔL.
+
+95 % intervals are percentile bootstraps over images. HEART curvature comes in three variants
+(raw S, |S|, max(S, 0)) because the activation Hessian is not PSD.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats as st
+from tqdm.auto import tqdm
+
+from heart_lib import data, models, results
+from heart_lib import sensitivity as S
+from heart_lib.gates import vit_info
+
+SCORES_VERSION = 1  # bump when the meaning of the stored raw scores changes (invalidates reuse)
+CURVATURE_SCORES = ("heart", "heart_global", "heart_hutchinson", "heart_exact")
+ALL_SCORES = CURVATURE_SCORES + ("second_order", "taylor", "fisher", "cls_attention", "norm", "random")
+SCORE_LABELS = {
+    "heart": "HEART single probe (per layer)",
+    "heart_global": "HEART single probe (one HVP, all gates)",
+    "heart_hutchinson": "HEART Hutchinson",
+    "heart_exact": "HEART exact diagonal",
+    "second_order": "full second order −g + ½S",
+    "taylor": "first-order Taylor |g|",
+    "fisher": "empirical Fisher g²",
+    "cls_attention": "CLS attention",
+    "norm": "activation norm",
+    "random": "random",
+}
+
+
+@dataclass(frozen=True)
+class Params:
+    model: str = "deit_tiny_patch16_224"
+    weights: str = "mirror"  # none | mirror | hub | auto | path to a state_dict
+    dataset: str = "imagenet-sample-1000"
+    data_path: str | None = None
+    limit: int = 64  # images (a seeded subset)
+    batch_size: int = 16
+    seed: int = 0
+    num_classes: int | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    layers: list[int] = field(default_factory=lambda: [3, 6, 9])  # token layers (block inputs)
+    loss: str = "pseudo"  # true | pseudo | kl
+    probes: int = 8  # Hutchinson probes
+    exact: bool = True  # also the exact diagonal (one HVP per component: the expensive part)
+    scores: list[str] = field(default_factory=lambda: list(ALL_SCORES))
+    bootstrap: int = 2000
+    heatmap_images: int = 4
+    heatmap_layer: int = 6
+    reuse: bool = True  # reuse stored raw scores computed with the same parameters
+
+    def check(self) -> None:
+        models.check_model_name(self.model)
+        if self.dataset not in data.DATASETS:
+            raise ValueError(f"parameter 'dataset' = {self.dataset!r}: allowed values are {list(data.DATASETS)}")
+        for name in ("limit", "batch_size", "probes", "bootstrap"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"parameter {name!r} = {getattr(self, name)}: must be a positive integer")
+        if self.loss not in S.LOSSES:
+            raise ValueError(f"parameter 'loss' = {self.loss!r}: allowed values are {list(S.LOSSES)}")
+        unknown = [s for s in self.scores if s not in ALL_SCORES]
+        if unknown:
+            raise ValueError(f"parameter 'scores' has unknown entries {unknown}: allowed {list(ALL_SCORES)}")
+        if "heart_exact" in self.scores and not self.exact:
+            raise ValueError("parameter 'scores' asks for heart_exact but 'exact' is false")
+        if not self.layers:
+            raise ValueError("parameter 'layers' = []: name at least one block index")
+        if self.heatmap_layer not in self.layers:
+            raise ValueError(f"parameter 'heatmap_layer' = {self.heatmap_layer}: must be one of layers {self.layers}")
+        if self.heatmap_images < 0:
+            raise ValueError(f"parameter 'heatmap_images' = {self.heatmap_images}: must be >= 0")
+
+
+# ---------------------------------------------------------------------------------------------
+# computing raw scores
+
+
+@dataclass
+class RawScores:
+    """Everything per image: tokens[name][layer] -> [I, N]; heads[name] -> [I, L, H]; LOO alike."""
+
+    tokens: dict[str, dict[int, np.ndarray]]
+    heads: dict[str, np.ndarray]
+    loo_tokens: dict[int, np.ndarray]
+    loo_heads: np.ndarray
+    loss: np.ndarray  # [I] per-image loss of the unpruned model
+    labels: np.ndarray
+    predictions: np.ndarray
+    num_prefix_tokens: int
+    seconds: dict[str, float]  # compute time per score family, all images
+
+
+def build(params: Params):
+    model = models.create_model(params.model, params.weights, params.num_classes, seed=params.seed,
+                                **params.model_kwargs)
+    image_size = model.patch_embed.img_size[0] if hasattr(model, "patch_embed") else 224
+    dataset = data.image_dataset(params.dataset, data.model_transform(model), limit=params.limit,
+                                 seed=params.seed, path=params.data_path, image_size=image_size,
+                                 num_classes=model.num_classes)
+    for p in model.parameters():  # gates are the only inputs we differentiate
+        p.requires_grad_(False)
+    return model, dataset
+
+
+def _batch_scores(model, images, labels, params: Params, seconds: dict[str, float]):
+    layers = tuple(params.layers)
+    depth = vit_info(model).depth
+    heads = tuple(range(depth))
+    kw = dict(token_layers=layers, head_layers=heads, loss=params.loss, labels=labels)
+    tok: dict[str, dict[int, torch.Tensor]] = {}
+    hd: dict[str, torch.Tensor] = {}
+
+    def put(name, deriv, values):
+        tok[name] = {l: values(deriv, ("token", l)) for l in layers}
+        hd[name] = torch.stack([values(deriv, ("head", l)) for l in heads], 1)
+
+    def timed(name, fn):
+        start = time.perf_counter()
+        out = fn()
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+        return out
+
+    curv = lambda d, k: d.curvature[k]  # noqa: E731
+    wanted = set(params.scores)
+    exact = timed("heart_exact", lambda: S.gate_derivatives(model, images, curvature_estimator="exact", **kw)) \
+        if params.exact else None
+    hutch = timed("heart_hutchinson", lambda: S.gate_derivatives(
+        model, images, curvature_estimator="hutchinson", probes=params.probes, seed=params.seed, **kw))
+    if "heart" in wanted:
+        put("heart", timed("heart", lambda: S.gate_derivatives(model, images, curvature_estimator="single",
+                                                                scope="layer", **kw)), curv)
+    if "heart_global" in wanted:
+        put("heart_global", timed("heart_global", lambda: S.gate_derivatives(
+            model, images, curvature_estimator="single", scope="global", **kw)), curv)
+    put("heart_hutchinson", hutch, curv)
+    if exact is not None:
+        put("heart_exact", exact, curv)
+    grads = exact or hutch  # the gradient is exact either way
+    put("second_order", exact or hutch, lambda d, k: -d.grad[k] + 0.5 * d.curvature[k])
+    put("taylor", grads, lambda d, k: d.grad[k].abs())
+    put("fisher", grads, lambda d, k: d.grad[k].square())
+    for name in ("cls_attention", "norm", "random"):
+        if name in wanted:
+            res = timed(name, lambda: S.score_components(model, images, layers=layers, heads=True, method=name,
+                                                         loss=params.loss, labels=labels, seed=params.seed))
+            tok[name], hd[name] = res.tokens, res.heads
+    loo_t = timed("leave_one_out", lambda: S.leave_one_out_tokens(model, images, layers=layers, loss=params.loss,
+                                                                  labels=labels))
+    loo_h = timed("leave_one_out", lambda: S.leave_one_out_heads(model, images, loss=params.loss, labels=labels))
+    tok = {k: v for k, v in tok.items() if k in wanted}
+    hd = {k: v for k, v in hd.items() if k in wanted}
+    return tok, hd, loo_t, loo_h, exact or hutch
+
+
+def params_key(params: Params) -> str:
+    """Digest of what the raw scores depend on (heat-map and bootstrap settings excluded)."""
+    relevant = {k: v for k, v in asdict(params).items() if k not in ("bootstrap", "heatmap_images",
+                                                                       "heatmap_layer", "reuse")}
+    relevant["version"] = SCORES_VERSION
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def compute_raw(params: Params, progress: bool = True) -> RawScores:
+    """Scores and leave-one-out ground truth for every image (the expensive step)."""
+    params.check()
+    torch.manual_seed(params.seed)
+    model, dataset = build(params)
+    loader = data.make_loader(dataset, params.batch_size)
+    parts: list[tuple] = []
+    labels_all, preds_all, loss_all = [], [], []
+    seconds: dict[str, float] = {}
+    for images, labels in tqdm(loader, desc="sensitivity", disable=not progress):
+        labels = torch.as_tensor(labels)
+        tok, hd, loo_t, loo_h, deriv = _batch_scores(model, images, labels, params, seconds)
+        parts.append((tok, hd, loo_t, loo_h))
+        with torch.no_grad():
+            preds_all.append(model(images).argmax(-1))
+        labels_all.append(labels)
+        loss_all.append(deriv.loss.cpu())
+
+    def cat(xs):
+        return torch.cat([x.detach().cpu().float() for x in xs]).numpy()
+
+    names_t = parts[0][0].keys()
+    return RawScores(
+        tokens={n: {l: cat([p[0][n][l] for p in parts]) for l in params.layers} for n in names_t},
+        heads={n: cat([p[1][n] for p in parts]) for n in parts[0][1]},
+        loo_tokens={l: cat([p[2][l] for p in parts]) for l in params.layers},
+        loo_heads=cat([p[3] for p in parts]),
+        loss=cat(loss_all), labels=torch.cat(labels_all).numpy(), predictions=torch.cat(preds_all).numpy(),
+        num_prefix_tokens=vit_info(model).num_prefix_tokens, seconds=seconds,
+    )
+
+
+def save_raw(raw: RawScores, path: Path, key: str) -> None:
+    arrays = {"loo_heads": raw.loo_heads, "loss": raw.loss, "labels": raw.labels, "predictions": raw.predictions}
+    for layer, a in raw.loo_tokens.items():
+        arrays[f"loo_tokens/{layer}"] = a
+    for name, per_layer in raw.tokens.items():
+        for layer, a in per_layer.items():
+            arrays[f"tokens/{name}/{layer}"] = a
+    for name, a in raw.heads.items():
+        arrays[f"heads/{name}"] = a
+    meta = {"key": key, "num_prefix_tokens": raw.num_prefix_tokens, "seconds": raw.seconds}
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    with results.atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+
+
+def load_raw(path: Path) -> tuple[RawScores, str]:
+    z = np.load(path)
+    meta = json.loads(bytes(z["meta"]).decode())
+    tokens: dict[str, dict[int, np.ndarray]] = {}
+    loo_tokens: dict[int, np.ndarray] = {}
+    heads: dict[str, np.ndarray] = {}
+    for name in z.files:
+        parts = name.split("/")
+        if parts[0] == "tokens":
+            tokens.setdefault(parts[1], {})[int(parts[2])] = z[name]
+        elif parts[0] == "loo_tokens":
+            loo_tokens[int(parts[1])] = z[name]
+        elif parts[0] == "heads":
+            heads[parts[1]] = z[name]
+    raw = RawScores(tokens=tokens, heads=heads, loo_tokens=loo_tokens, loo_heads=z["loo_heads"], loss=z["loss"],
+                    labels=z["labels"], predictions=z["predictions"], num_prefix_tokens=meta["num_prefix_tokens"],
+                    seconds=meta["seconds"])
+    return raw, meta["key"]
+
+
+def raw_scores(params: Params, out: Path, progress: bool = True) -> RawScores:
+    """Raw scores from `out/raw_scores.npz` when they match the parameters (and reuse is on), else computed."""
+    path = out / "raw_scores.npz"
+    key = params_key(params)
+    if params.reuse and path.is_file():
+        raw, stored = load_raw(path)
+        if stored == key:
+            return raw
+    raw = compute_raw(params, progress)
+    save_raw(raw, path, key)
+    return raw
+
+
+# ---------------------------------------------------------------------------------------------
+# correlations (pure functions of the raw arrays)
+
+
+def _variants(name: str) -> tuple[str, ...]:
+    return S.VARIANTS if name in CURVATURE_SCORES else ("raw",)
+
+
+def rowwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman correlation of each row of a with the same row of b (ties get average ranks)."""
+    ra = st.rankdata(a, axis=1)
+    rb = st.rankdata(b, axis=1)
+    ra -= ra.mean(1, keepdims=True)
+    rb -= rb.mean(1, keepdims=True)
+    denom = np.sqrt((ra ** 2).sum(1) * (rb ** 2).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, (ra * rb).sum(1) / denom, np.nan)
+
+
+def rowwise_kendall(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Kendall's tau-b of each row pair."""
+    return np.array([st.kendalltau(x, y).statistic for x, y in zip(a, b)])
+
+
+def _mean_ci(values: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, float]:
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(values), size=(n_boot, len(values)))
+    boots = values[idx].mean(1)
+    return float(values.mean()), float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
+
+
+def _static_ci(score: np.ndarray, truth: np.ndarray, n_boot: int, seed: int) -> dict[str, float]:
+    """Correlation of image-averaged scores with image-averaged ΔL, bootstrap over images."""
+    def corr(idx):
+        s, t = score[idx].mean(0).ravel(), truth[idx].mean(0).ravel()
+        return st.spearmanr(s, t).statistic, st.kendalltau(s, t).statistic
+
+    point = corr(np.arange(len(score)))
+    rng = np.random.default_rng(seed)
+    boots = np.array([corr(rng.integers(0, len(score), len(score))) for _ in range(n_boot)])
+    return {"spearman": point[0], "spearman_lo": np.nanquantile(boots[:, 0], 0.025),
+            "spearman_hi": np.nanquantile(boots[:, 0], 0.975), "kendall": point[1],
+            "kendall_lo": np.nanquantile(boots[:, 1], 0.025), "kendall_hi": np.nanquantile(boots[:, 1], 0.975)}
+
+
+def per_image_correlations(raw: RawScores) -> pd.DataFrame:
+    """One row per (image, component, score, variant) with Spearman and Kendall."""
+    rows = []
+    p = raw.num_prefix_tokens
+    for name, per_layer in raw.tokens.items():
+        for variant in _variants(name):
+            for layer, values in per_layer.items():
+                score = S.apply_variant(torch.from_numpy(values), variant).numpy()[:, p:]
+                truth = raw.loo_tokens[layer][:, p:]
+                rho, tau = rowwise_spearman(score, truth), rowwise_kendall(score, truth)
+                rows += [{"image": i, "component": f"tokens@{layer}", "score": name, "variant": variant,
+                          "spearman": rho[i], "kendall": tau[i]} for i in range(len(rho))]
+    for name, values in raw.heads.items():
+        for variant in _variants(name):
+            score = S.apply_variant(torch.from_numpy(values), variant).numpy().reshape(len(values), -1)
+            truth = raw.loo_heads.reshape(len(values), -1)
+            rho, tau = rowwise_spearman(score, truth), rowwise_kendall(score, truth)
+            rows += [{"image": i, "component": "heads", "score": name, "variant": variant,
+                      "spearman": rho[i], "kendall": tau[i]} for i in range(len(rho))]
+    return pd.DataFrame(rows)
+
+
+def correlation_table(raw: RawScores, per_image: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Mean per-image correlations with bootstrap intervals, plus the static head ranking."""
+    rows = []
+    token_rows = per_image[per_image["component"].str.startswith("tokens@")]
+    layer_mean = (token_rows.groupby(["image", "score", "variant"], as_index=False)[["spearman", "kendall"]].mean()
+                  .assign(component="tokens (mean over layers)"))
+    for (component, name, variant), group in pd.concat([per_image, layer_mean]).groupby(
+            ["component", "score", "variant"], sort=False):
+        group = group.sort_values("image")
+        row = {"component": component, "score": name, "variant": variant, "aggregation": "per image, mean",
+               "n_images": int(group["spearman"].notna().sum())}
+        for stat in ("spearman", "kendall"):
+            mean, lo, hi = _mean_ci(group[stat].to_numpy(dtype=float), n_boot, seed)
+            row.update({stat: mean, f"{stat}_lo": lo, f"{stat}_hi": hi})
+        rows.append(row)
+    for name, values in raw.heads.items():
+        for variant in _variants(name):
+            score = S.apply_variant(torch.from_numpy(values), variant).numpy()
+            rows.append({"component": "heads (image-mean ranking)", "score": name, "variant": variant,
+                         "aggregation": "pooled: mean over images, then one ranking", "n_images": len(values),
+                         **_static_ci(score, raw.loo_heads, min(n_boot, 500), seed)})
+    order = {c: i for i, c in enumerate(["tokens (mean over layers)"] + [f"tokens@{l}" for l in sorted(raw.loo_tokens)]
+                                        + ["heads", "heads (image-mean ranking)"])}
+    table = pd.DataFrame(rows)
+    table["_o"] = table["component"].map(order)
+    return table.sort_values(["_o", "spearman"], ascending=[True, False]).drop(columns="_o").reset_index(drop=True)
+
+
+def best_scores(table: pd.DataFrame) -> pd.DataFrame:
+    """The best-ranking (score, variant) per component, and the best variant of each HEART score."""
+    best = table.loc[table.groupby("component", sort=False)["spearman"].idxmax()]
+    return best[["component", "score", "variant", "spearman", "spearman_lo", "spearman_hi"]].reset_index(drop=True)
+
+
+def variant_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Spearman of raw / |S| / clamped side by side for the curvature scores."""
+    curv = table[table["score"].isin(CURVATURE_SCORES)]
+    return curv.pivot_table(index=["component", "score"], columns="variant", values="spearman",
+                            sort=False).reset_index()
+
+
+# ---------------------------------------------------------------------------------------------
+# the chapter's entry point and figures
+
+
+def run(params: Params, out: Path, progress: bool = True) -> dict[str, Any]:
+    """Compute (or reuse) raw scores; write the correlation tables and a summary under `out`."""
+    raw = raw_scores(params, out, progress)
+    per_image = per_image_correlations(raw)
+    table = correlation_table(raw, per_image, params.bootstrap, params.seed)
+    meta = {"params": asdict(params)}
+    results.write_table(out / "per_image_correlations.csv", per_image, meta=meta)
+    results.write_table(out / "correlations.csv", table, meta=meta)
+    best = best_scores(table)
+    results.write_table(out / "best.csv", best, meta=meta)
+    images = len(raw.loss)
+    summary = {
+        "model": params.model, "weights": str(params.weights), "dataset": params.dataset, "images": images,
+        "loss": params.loss, "layers": list(params.layers), "num_prefix_tokens": raw.num_prefix_tokens,
+        "mean_loss": float(raw.loss.mean()), "pseudo_label_accuracy": float((raw.labels == raw.predictions).mean()),
+        "seconds_per_image": {k: v / images for k, v in raw.seconds.items()},
+        "best": best.to_dict(orient="records"),
+        "aggregation": "tokens: Spearman/Kendall per image across non-prefix tokens of one layer, mean over "
+                       "images; heads: per image across all heads, mean over images, and pooled image-mean "
+                       "ranking; 95 % percentile bootstrap over images",
+    }
+    results.write_json(out / "summary.json", summary)
+    return {"raw": raw, "per_image": per_image, "table": table, "best": best, "summary": summary}
+
+
+def display_table(table: pd.DataFrame, component: str | None = None) -> pd.DataFrame:
+    """Readable rows: score label, variant, 'ρ [lo, hi]' and 'τ [lo, hi]'."""
+    t = table if component is None else table[table["component"] == component]
+    return pd.DataFrame({
+        "component": t["component"], "score": t["score"].map(SCORE_LABELS), "variant": t["variant"],
+        "Spearman ρ [95 % CI]": [f"{r.spearman:.3f} [{r.spearman_lo:.3f}, {r.spearman_hi:.3f}]" for r in t.itertuples()],
+        "Kendall τ [95 % CI]": [f"{r.kendall:.3f} [{r.kendall_lo:.3f}, {r.kendall_hi:.3f}]" for r in t.itertuples()],
+    }).reset_index(drop=True)
+
+
+def correlation_figure(table: pd.DataFrame):
+    """Spearman with intervals per score (best variant of each), tokens vs heads."""
+    from heart_lib import plots
+    import matplotlib.pyplot as plt
+
+    plots.use_style()
+    comps = ["tokens (mean over layers)", "heads", "heads (image-mean ranking)"]
+    fig, axes = plt.subplots(1, len(comps), figsize=(15, 4.8), sharey=False)
+    for ax, comp in zip(axes, comps):
+        t = table[table["component"] == comp]
+        t = t.loc[t.groupby("score")["spearman"].idxmax()].sort_values("spearman")
+        y = np.arange(len(t))
+        ax.errorbar(t["spearman"], y, xerr=[t["spearman"] - t["spearman_lo"], t["spearman_hi"] - t["spearman"]],
+                    fmt="o", capsize=3)
+        ax.set_yticks(y, [f"{SCORE_LABELS[s]} ({v})" for s, v in zip(t["score"], t["variant"])])
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set(xlabel="Spearman ρ with leave-one-out ΔL", title=comp)
+    fig.suptitle("Rank correlation of each score with the measured loss change (best variant per score)")
+    return fig
+
+
+def token_heatmap_figure(raw: RawScores, images: torch.Tensor, layer: int, indices: list[int],
+                         scores: tuple[str, ...] = ("heart_exact", "heart", "heart_hutchinson", "taylor",
+                                                    "cls_attention")):
+    """Per image: the picture, the leave-one-out ΔL map and each score's map at `layer` (patch grid)."""
+    from heart_lib import plots
+    import matplotlib.pyplot as plt
+
+    plots.use_style()
+    scores = tuple(s for s in scores if s in raw.tokens)
+    p = raw.num_prefix_tokens
+    n = raw.loo_tokens[layer].shape[1] - p
+    side = int(round(n ** 0.5))
+    cols = 2 + len(scores)
+    fig, axes = plt.subplots(len(indices), cols, figsize=(2.3 * cols, 2.4 * len(indices)), squeeze=False)
+    for row, i in enumerate(indices):
+        img = images[row].permute(1, 2, 0).numpy()
+        img = (img - img.min()) / max(img.max() - img.min(), 1e-8)
+        panels = [("image", None), ("leave-one-out ΔL", raw.loo_tokens[layer][i, p:])]
+        panels += [(SCORE_LABELS[s], raw.tokens[s][layer][i, p:]) for s in scores]
+        for col, (title, values) in enumerate(panels):
+            ax = axes[row, col]
+            if values is None:
+                ax.imshow(img)
+            else:
+                ax.imshow(values.reshape(side, side), cmap="magma")
+            ax.set_xticks([]), ax.set_yticks([])
+            if row == 0:
+                ax.set_title(title, fontsize=8)
+    fig.suptitle(f"Token maps at the input of block {layer} (brighter = more important)")
+    return fig
+
+
+def head_map_figure(raw: RawScores, scores: tuple[str, ...] = ("heart_exact", "heart", "taylor", "cls_attention")):
+    """Layer × head maps of the image-averaged ΔL and scores."""
+    from heart_lib import plots
+    import matplotlib.pyplot as plt
+
+    plots.use_style()
+    scores = tuple(s for s in scores if s in raw.heads)
+    panels = [("leave-one-out ΔL", raw.loo_heads.mean(0))] + [(SCORE_LABELS[s], raw.heads[s].mean(0)) for s in scores]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 4.2), squeeze=False)
+    for ax, (title, values) in zip(axes[0], panels):
+        im = ax.imshow(values, cmap="viridis", aspect="auto")
+        ax.set(title=title, xlabel="head", ylabel="layer")
+        ax.title.set_fontsize(8)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle("Heads: mean over images")
+    return fig
+
+
+def heatmap_images(params: Params) -> tuple[list[int], torch.Tensor]:
+    """The first `heatmap_images` images of the run (indices and pixels, model-normalised)."""
+    model, dataset = build(params)
+    idx = list(range(min(params.heatmap_images, len(dataset))))
+    return idx, torch.stack([dataset[i][0] for i in idx]) if idx else torch.empty(0)
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """A short generated paragraph: data, and the best score per component (numbers from results)."""
+    lines = [f"{summary['images']} images, {summary['model']} ({summary['weights']} weights), loss "
+             f"`{summary['loss']}`; mean unpruned loss {summary['mean_loss']:.3f}; the model's prediction "
+             f"matches the label on {100 * summary['pseudo_label_accuracy']:.1f} % of these images.", "",
+             "Best-ranking score per component (Spearman ρ with leave-one-out ΔL, 95 % bootstrap CI):", ""]
+    for row in summary["best"]:
+        lines.append(f"- {row['component']}: **{SCORE_LABELS[row['score']]}** ({row['variant']}), "
+                     f"ρ = {row['spearman']:.3f} [{row['spearman_lo']:.3f}, {row['spearman_hi']:.3f}]")
+    secs = summary.get("seconds_per_image", {})
+    if secs:
+        lines += ["", "Compute time per image on this machine: " + ", ".join(
+            f"{SCORE_LABELS.get(k, k.replace('_', ' '))} {v:.2f} s" for k, v in sorted(secs.items(), key=lambda kv: -kv[1]))
+            + "."]
+    return "\n".join(lines)
