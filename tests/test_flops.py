@@ -85,3 +85,14 @@ def test_image_size_and_config_errors():
         count_flops(per_input)
     per_input(torch.randn(3, 3, 32, 32))
     assert count_flops(per_input) < count_flops(make())
+
+
+def test_match_keep_hits_the_target():
+    from heart_lib.flops import match_keep
+
+    dense = count_flops("", base="deit_tiny_patch16_224")
+    for target in (0.25, 0.494):
+        config = match_keep("deit_tiny_patch16_224", target, (3, 6, 9))
+        assert abs(1 - count_flops(config, base="deit_tiny_patch16_224") / dense - target) < 0.005
+    with pytest.raises(ValueError, match="target"):
+        match_keep("deit_tiny_patch16_224", 1.2, (3,))
