@@ -79,3 +79,17 @@ def test_edge_params_are_validated():
         config.validate("edge", {"live_prunings": ["tokens=2@1"]})
     with pytest.raises(FileNotFoundError, match="no measurements"):
         edge.load(config.validate("edge", {"devices_root": "/nonexistent/devices"}), None)
+
+
+def test_contended_cpu_runs_are_marked_not_dropped(devices):
+    runs = tables.load_runs(devices)
+    runs = runs.sort_values(["device_name", "batch_size", "repeat"]).reset_index(drop=True)  # cpu first
+    runs["device"] = ["cpu"] * 4 + ["cuda"] * 10
+    runs["cpu_share"] = [0.5, 0.95, 0.97, 0.99] + [0.1] * 10
+    marked = edge.mark_contended(runs, 0.9)
+    assert len(marked) == len(runs)
+    assert marked["status"].tolist()[4:] == runs["status"].tolist()[4:]  # GPU rows untouched
+    assert marked["status"].iloc[0] == "contended" and "cpu_share 0.50" in marked["status_detail"].iloc[0]
+    summary = tables.summarize(marked)
+    cpu1 = summary[(summary.device_name == "cpu") & (summary.batch_size == 1)].iloc[0]
+    assert cpu1["runs_ok"] == 2 and cpu1["statuses"] == "contended"

@@ -9,6 +9,7 @@ pruned configurations with the unpruned model on the same device and batch size 
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,8 @@ def mark_contended(runs: pd.DataFrame, min_cpu_share: float) -> pd.DataFrame:
     share = pd.to_numeric(runs["cpu_share"], errors="coerce")
     on_cpu = runs.get("device", pd.Series("cpu", index=runs.index)).astype(str).eq("cpu")
     mask = runs["status"].eq("ok") & on_cpu & share.lt(min_cpu_share)
+    # Read back from CSV, an all-empty detail column is float (NaN); make it hold text.
+    runs["status_detail"] = runs.get("status_detail", pd.Series("", index=runs.index)).astype(object)
     runs.loc[mask, "status"] = "contended"
     runs.loc[mask, "status_detail"] = [f"cpu_share {v:.2f} < {min_cpu_share} (filtered by the edge chapter)"
                                        for v in share[mask]]
@@ -218,8 +221,9 @@ def figure(summary: pd.DataFrame):
         data = ok[ok[col].notna()] if col in ok else ok.iloc[0:0]
         if data.empty:
             reasons = summary.get("energy_reason", pd.Series(dtype=str)).dropna().astype(str).unique()
-            ax.text(0.5, 0.5, "no energy source on the measured devices:\n" + "\n".join(r[:70] for r in reasons[:3]),
-                    ha="center", va="center", wrap=True, fontsize=8, transform=ax.transAxes)
+            text = "\n".join(textwrap.fill(r, 48) for r in reasons[:2])
+            ax.text(0.5, 0.5, "No energy source on the measured devices.\n\n" + text,
+                    ha="center", va="center", fontsize=7.5, transform=ax.transAxes)
             ax.set(title=label, xticks=[], yticks=[])
             continue
         for (device, model, batch), group in data.groupby(["device_name", "model", "batch_size"]):
@@ -230,7 +234,11 @@ def figure(summary: pd.DataFrame):
                 yerr = half
             ax.errorbar(group["gflops"], group[col], yerr=yerr, color=palette[str(device)],
                         marker=markers[batch], ls="-", lw=1, ms=6, capsize=3, alpha=0.85)
-        ax.set(xlabel="GFLOPs per image", ylabel=label, title=label)
+        # Log axes: tiny smoke models and ViT-B differ by orders of magnitude, and equal ratios
+        # (the quantity compared) then read as equal distances.
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set(xlabel="GFLOPs per image (log)", ylabel=label + " (log)", title=label)
     handles = [plt.Line2D([], [], color=palette[d], lw=2, label=d) for d in devices]
     handles += [plt.Line2D([], [], color="grey", marker=markers[b], ls="", label=f"batch {b}") for b in batches]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), bbox_to_anchor=(0.5, -0.08))
