@@ -278,3 +278,15 @@ def test_resume_from_a_shared_prefix(vit, images):
     assert pruned.record.counts[0] == token_plan(pruned.config, 16, 4, 1)
     with pytest.raises(ValueError, match="cannot be resumed"):
         pruned(None, start_layer=2, tokens=stream["x"])
+
+
+def test_chapter_params_validation():
+    from heart_lib import config
+    from heart_lib.experiments.pruning import Params
+
+    for profile in ("smoke", "default", "full", "paper"):
+        assert isinstance(config.load_params(profile, "pruning"), Params)
+    for bad in ({"layers": [0, 3]}, {"token_keeps": [1.2]}, {"token_selectors": ["heart"]}, {"peers": ["dynamicvit"]},
+                {"head_targets": [1.0]}, {"joint_selectors": ["tome"]}, {"calib_method": "taylor"}):
+        with pytest.raises(config.ConfigError, match=next(iter(bad))):
+            config.validate("pruning", bad)

@@ -58,7 +58,8 @@ class Params:
     token_selectors: list[str] = field(default_factory=lambda: ["gate", "cls_attention", "norm", "random"])
     peers: list[str] = field(default_factory=lambda: ["evit", "tome"])
     oracle_method: str = "heart"
-    probes: int = 8
+    calib_method: str = "heart_hutchinson"  # token/head curvature on calibration images (gate, heads, budgets)
+    probes: int = 4  # Hutchinson probes (calibration and, if chosen, the oracle)
     head_methods: list[str] = field(default_factory=lambda: ["heart", "taylor", "random"])
     head_targets: list[float] = field(default_factory=lambda: [0.07, 0.14])
     joint_targets: list[float] = field(default_factory=lambda: [0.40, 0.494])
@@ -93,6 +94,8 @@ class Params:
                              "(the oracle runs separately, see oracle_method)")
         if any(p not in PEER_METHODS for p in self.peers):
             raise ValueError(f"parameter 'peers' = {self.peers}: allowed {list(PEER_METHODS)}")
+        if self.calib_method not in ("heart", "heart_hutchinson", "heart_exact"):
+            raise ValueError(f"parameter 'calib_method' = {self.calib_method!r}: allowed heart, heart_hutchinson, heart_exact")
         if self.oracle_method not in ("heart", "heart_hutchinson", "heart_exact"):
             raise ValueError(f"parameter 'oracle_method' = {self.oracle_method!r}: allowed heart, heart_hutchinson, heart_exact")
         if any(m not in HEAD_METHODS for m in self.head_methods):
@@ -194,8 +197,10 @@ def prepare(params: Params) -> Context:
 
     layers = tuple(params.layers)
     t0 = time.perf_counter()
-    calib_tokens, calib_heads = _scores_in_batches(model, calib_images, calib_labels, params, layers, True, "heart")
+    calib_tokens, calib_heads = _scores_in_batches(model, calib_images, calib_labels, params, layers, True,
+                                                   params.calib_method)
     costs["calib_heart_seconds_per_image"] = (time.perf_counter() - t0) / len(calib_images)
+    # The head ranking named "heart" is the calibration curvature (calib_method), mean over images.
     head_scores = {"heart": calib_heads.nanmean(0)}
     for method in params.head_methods:
         if method not in head_scores:
