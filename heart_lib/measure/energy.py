@@ -64,8 +64,7 @@ def integrate_power(times: Iterable[float], watts: Iterable[float], t0: float | 
     Power at the window edges is linearly interpolated between the neighbouring samples, so the
     result does not depend on where samples happen to fall relative to the window.
     """
-    times, watts = _check_trace(np.asarray(list(times) if not isinstance(times, np.ndarray) else times),
-                                np.asarray(list(watts) if not isinstance(watts, np.ndarray) else watts))
+    times, watts = _check_trace(np.asarray(list(times), dtype=float), np.asarray(list(watts), dtype=float))
     t0 = times[0] if t0 is None else float(t0)
     t1 = times[-1] if t1 is None else float(t1)
     _check_window(times, t0, t1)
