@@ -193,6 +193,9 @@ def run(params: Params, out: Path) -> dict[str, pd.DataFrame]:
     results.write_table(out / "comparison.csv", comparison)
     fig = figure(summary)
     results.save_figure(fig, out / "latency_throughput_energy_vs_flops.png")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)  # the page shows the saved file; an open figure would be drawn a second time
     return {"runs": runs, "summary": summary, "devices": devices, "comparison": comparison}
 
 
