@@ -10,6 +10,7 @@ changes. Each executed notebook is written atomically, so an interrupted run res
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 import nbformat
 
 from heart_lib import config
+from heart_lib.paths import PROJECT_ROOT
 from heart_lib.provenance import library_digest, requirements_digest
 from heart_lib.results import atomic_path, results_dir, write_json
 
@@ -40,6 +42,27 @@ class Outcome:
     path: Path
 
 
+def input_digest(profile: str, name: str) -> str:
+    """Digest of the files a notebook reads besides its parameters.
+
+    An experiment module may define `input_paths(params) -> list[Path]` (files or folders), e.g. the
+    edge chapter reads the device measurements under results/devices/.
+    """
+    module = importlib.import_module(f"heart_lib.experiments.{name}")
+    finder = getattr(module, "input_paths", None)
+    if finder is None:
+        return ""
+    files: list[Path] = []
+    for path in finder(config.load_params(profile, name)):
+        path = Path(path)
+        files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] * path.is_file()
+    h = hashlib.sha256()
+    for path in files:  # names relative to the project, so a clone elsewhere gets the same key
+        name = path.resolve().relative_to(PROJECT_ROOT) if path.resolve().is_relative_to(PROJECT_ROOT) else path
+        h.update(str(name).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def notebook_key(profile: str, name: str, upstream: tuple[str, ...] = ()) -> str:
     """Digest of what the executed notebook depends on."""
     h = hashlib.sha256()
@@ -50,6 +73,7 @@ def notebook_key(profile: str, name: str, upstream: tuple[str, ...] = ()) -> str
         json.dumps(config.raw_profile_params(profile, name), sort_keys=True),
         library_digest(),
         requirements_digest(),
+        input_digest(profile, name),
         *upstream,
     ):
         h.update(part.encode() + b"\0")

@@ -65,6 +65,11 @@ def devices_root(params: Params) -> Path:
     return root if root.is_absolute() else PROJECT_ROOT / root
 
 
+def input_paths(params: Params) -> list[Path]:
+    """What the chapter reads besides its parameters (the runner re-executes it when these change)."""
+    return [devices_root(params)]
+
+
 def measure_live(params: Params, out: Path) -> Path | None:
     """The smoke profile's few-second measurement (in-process: plumbing, not a protocol run)."""
     if params.live_model is None:
