@@ -1,0 +1,99 @@
+"""The claims summary's verdicts follow its criteria, computed from result files."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from heart_lib.experiments import claims
+
+
+@pytest.fixture
+def results(tmp_path, monkeypatch):
+    monkeypatch.setenv("HEART_RESULTS", str(tmp_path))
+    folder = tmp_path / "p"
+    folder.mkdir()
+    return folder
+
+
+def _params(tmp_path, **kw):
+    return claims.Params(speed_benchmark=str(tmp_path / "bench.json"), devices_root=str(tmp_path / "devices"), **kw)
+
+
+def _correlations(folder, heart, other):
+    rows = []
+    for component in ("tokens (mean over layers)", "heads"):
+        for score, rho in (("heart", heart), ("taylor", other), ("random", 0.0)):
+            rows.append({"component": component, "score": score, "variant": "raw", "aggregation": "per image, mean",
+                         "n_images": 64, "spearman": rho, "spearman_lo": rho - 0.05, "spearman_hi": rho + 0.05})
+    (folder / "sensitivity").mkdir(exist_ok=True)
+    pd.DataFrame(rows).to_csv(folder / "sensitivity" / "correlations.csv", index=False)
+
+
+@pytest.mark.parametrize("heart, other, verdict", [(0.6, 0.3, "reproduced"), (0.3, 0.6, "not reproduced"),
+                                                   (0.5, 0.47, "inconclusive")])
+def test_c1_verdict_follows_the_intervals(results, tmp_path, heart, other, verdict):
+    _correlations(results, heart, other)
+    assert claims.claim_c1(results, _params(tmp_path)).verdict == verdict
+
+
+def _sweep(folder, rows):
+    frame = pd.DataFrame(rows, columns=["family", "method", "flops_reduction", "top1"])
+    frame["images"] = "all"
+    frame["dense_top1_same_images"] = 0.80
+    (folder / "pruning").mkdir(exist_ok=True)
+    frame.to_csv(folder / "pruning" / "sweep.csv", index=False)
+
+
+def test_c2_and_c3_from_the_sweep(results, tmp_path):
+    _sweep(results, [("dense", "unpruned", 0.0, 0.80), ("token", "heart", 0.30, 0.795), ("token", "heart", 0.45, 0.70),
+                     ("head", "heart", 0.10, 0.80), ("head", "heart", 0.20, 0.60),
+                     ("joint", "heart", 0.50, 0.795)])
+    params = _params(tmp_path)
+    assert claims.claim_c2(results, params).verdict == "reproduced"
+    c3 = claims.claim_c3(results, params)
+    assert c3.verdict == "reproduced" and "50.0 %" in c3.ours
+    assert claims.claim_c3(results, _params(tmp_path, max_top1_drop=0.0)).verdict == "not reproduced"
+
+
+def test_c4_reads_the_speed_benchmark(results, tmp_path):
+    rows = [{"model": "vit", "batch": b, "kind": "joint", "flops_reduction": 0.49, "latency_reduction": lat,
+             "throughput_gain": gain} for b, lat, gain in ((1, 0.40, 0.66), (32, 0.45, 0.80))]
+    (tmp_path / "bench.json").write_text(json.dumps({"rows": rows, "device": {"cpu": "x", "torch_threads": 2}}))
+    assert claims.claim_c4(results, _params(tmp_path)).verdict == "reproduced"
+    rows[1]["latency_reduction"], rows[1]["throughput_gain"] = 0.2, 0.25
+    (tmp_path / "bench.json").write_text(json.dumps({"rows": rows, "device": {}}))
+    assert claims.claim_c4(results, _params(tmp_path)).verdict == "inconclusive"
+
+
+def test_c5_compares_with_the_equally_fine_tuned_baseline(results, tmp_path):
+    (results / "finetune").mkdir()
+    frame = pd.DataFrame([
+        ("transfer", "tokens", "vs_before", 0.05, 0.02, 0.08),
+        ("transfer", "tokens", "vs_unpruned_tuned", -0.03, -0.05, -0.01),
+    ], columns=["experiment", "setting", "comparison", "difference", "lo", "hi"])
+    frame.to_csv(results / "finetune" / "recovery.csv", index=False)
+    row = claims.claim_c5(results, _params(tmp_path))
+    assert row.verdict == "not reproduced" and "+5.0 pts" in row.ours
+
+
+def test_missing_results_are_named_not_guessed(results, tmp_path):
+    table = claims.claims_table("p", _params(tmp_path))
+    assert list(table["claim"]) == ["C1", "C2", "C3", "C4", "C5", "C6"]
+    assert set(table["verdict"]) == {"not testable here"}
+    assert "correlations.csv" in table.set_index("claim").loc["C1", "ours"]
+
+
+def test_c6_needs_a_jetson(results, tmp_path):
+    devices = tmp_path / "devices" / "some-cpu"
+    devices.mkdir(parents=True)
+    (devices / "s.meta.json").write_text(json.dumps({"device": {"cpu": "AMD EPYC"}}))
+    row = claims.claim_c6(results, _params(tmp_path))
+    assert row.verdict == "not testable here" and "1 other device" in row.ours
+
+
+def test_bad_criteria_are_refused():
+    from heart_lib import config
+
+    with pytest.raises(config.ConfigError, match="max_top1_drop"):
+        config.validate("claims", {"max_top1_drop": 2})
