@@ -134,7 +134,8 @@ def apply_variant(scores: torch.Tensor, variant: str) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _fp32_and_explicit_attention(model: nn.Module) -> Iterator[torch.dtype]:
-    """Upcast half/bfloat16 parameters and buffers to fp32 in place, restore them exactly after.
+    """Upcast half/bfloat16 parameters and buffers to fp32 in place, restore them exactly after;
+    weights stop requiring grad for the call; attention takes timm's explicit path.
 
     A bf16/fp16 value is exactly representable in fp32, so the round trip is lossless; no copy of
     the weights is made. Yields the compute dtype.
@@ -145,6 +146,11 @@ def _fp32_and_explicit_attention(model: nn.Module) -> Iterator[torch.dtype]:
         if tensor.dtype in low:
             changed.append((tensor, tensor.dtype))
             tensor.data = tensor.data.float()
+    # Scores differentiate w.r.t. gates only: weights that require grad would make autograd keep
+    # (and, in double backward, differentiate) what their gradients need, for nothing.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     dtype = torch.float64 if dtypes == {torch.float64} else torch.float32
     try:
@@ -153,6 +159,8 @@ def _fp32_and_explicit_attention(model: nn.Module) -> Iterator[torch.dtype]:
     finally:
         for tensor, original in changed:
             tensor.data = tensor.data.to(original)
+        for p in trainable:
+            p.requires_grad_(True)
 
 
 def _report_non_finite(per_image: torch.Tensor) -> None:

@@ -300,3 +300,4 @@ def test_unit_low_precision_model_scored_in_fp32_and_restored(dtype):
     assert got.dtype == torch.float32 and torch.equal(got, expected)
     assert all(v.dtype == state[k].dtype and torch.equal(v, state[k]) for k, v in low.state_dict().items())
     assert [m.fused_attn for m in low.modules() if hasattr(m, "fused_attn")] == fused
+    assert all(p.requires_grad for p in low.parameters())  # the call gave requires_grad back

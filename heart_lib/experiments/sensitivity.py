@@ -35,13 +35,16 @@ from heart_lib.gates import vit_info
 
 SCORES_VERSION = 1  # bump when the meaning of the stored raw scores changes (invalidates reuse)
 CURVATURE_SCORES = ("heart", "heart_global", "heart_hutchinson", "heart_exact")
-ALL_SCORES = CURVATURE_SCORES + ("second_order", "taylor", "fisher", "cls_attention", "norm", "random")
+ALL_SCORES = CURVATURE_SCORES + ("second_order", "second_order_exact", "taylor", "fisher", "cls_attention", "norm",
+                                 "random")
+EXACT_SCORES = ("heart_exact", "second_order_exact")  # computed on the first `exact_limit` images only
 SCORE_LABELS = {
     "heart": "HEART single probe (per layer)",
     "heart_global": "HEART single probe (one HVP, all gates)",
     "heart_hutchinson": "HEART Hutchinson",
     "heart_exact": "HEART exact diagonal",
-    "second_order": "full second order −g + ½S",
+    "second_order": "full second order −g + ½S (S Hutchinson)",
+    "second_order_exact": "full second order −g + ½S (S exact)",
     "taylor": "first-order Taylor |g|",
     "fisher": "empirical Fisher g²",
     "cls_attention": "CLS attention",
@@ -64,7 +67,7 @@ class Params:
     layers: list[int] = field(default_factory=lambda: [3, 6, 9])  # token layers (block inputs)
     loss: str = "pseudo"  # true | pseudo | kl
     probes: int = 8  # Hutchinson probes
-    exact: bool = True  # also the exact diagonal (one HVP per component: the expensive part)
+    exact_limit: int = 8  # images that also get the exact diagonal (one HVP per component); 0 = none
     scores: list[str] = field(default_factory=lambda: list(ALL_SCORES))
     bootstrap: int = 2000
     heatmap_images: int = 4
@@ -83,8 +86,10 @@ class Params:
         unknown = [s for s in self.scores if s not in ALL_SCORES]
         if unknown:
             raise ValueError(f"parameter 'scores' has unknown entries {unknown}: allowed {list(ALL_SCORES)}")
-        if "heart_exact" in self.scores and not self.exact:
-            raise ValueError("parameter 'scores' asks for heart_exact but 'exact' is false")
+        if self.exact_limit < 0 or self.exact_limit > self.limit:
+            raise ValueError(f"parameter 'exact_limit' = {self.exact_limit}: must be in 0..limit ({self.limit})")
+        if self.exact_limit == 0 and any(s in EXACT_SCORES for s in self.scores):
+            raise ValueError(f"parameter 'scores' asks for {list(EXACT_SCORES)} but 'exact_limit' is 0")
         if not self.layers:
             raise ValueError("parameter 'layers' = []: name at least one block index")
         if self.heatmap_layer not in self.layers:
@@ -109,7 +114,8 @@ class RawScores:
     labels: np.ndarray
     predictions: np.ndarray
     num_prefix_tokens: int
-    seconds: dict[str, float]  # compute time per score family, all images
+    seconds: dict[str, float]  # compute time per score family, all images it was computed for
+    exact_images: int = 0  # images that have the exact scores (the first ones)
 
 
 def build(params: Params):
@@ -124,66 +130,86 @@ def build(params: Params):
     return model, dataset
 
 
+def _timed(seconds: dict[str, float], name: str, fn):
+    start = time.perf_counter()
+    out = fn()
+    seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+    return out
+
+
+def _collect(layers, heads, deriv, values):
+    return ({l: values(deriv, ("token", l)) for l in layers},
+            torch.stack([values(deriv, ("head", l)) for l in heads], 1))
+
+
 def _batch_scores(model, images, labels, params: Params, seconds: dict[str, float]):
+    """Every score except the exact ones, and the leave-one-out ground truth, for one batch."""
     layers = tuple(params.layers)
-    depth = vit_info(model).depth
-    heads = tuple(range(depth))
+    heads = tuple(range(vit_info(model).depth))
     kw = dict(token_layers=layers, head_layers=heads, loss=params.loss, labels=labels)
     tok: dict[str, dict[int, torch.Tensor]] = {}
     hd: dict[str, torch.Tensor] = {}
-
-    def put(name, deriv, values):
-        tok[name] = {l: values(deriv, ("token", l)) for l in layers}
-        hd[name] = torch.stack([values(deriv, ("head", l)) for l in heads], 1)
-
-    def timed(name, fn):
-        start = time.perf_counter()
-        out = fn()
-        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
-        return out
-
-    curv = lambda d, k: d.curvature[k]  # noqa: E731
     wanted = set(params.scores)
-    exact = timed("heart_exact", lambda: S.gate_derivatives(model, images, curvature_estimator="exact", **kw)) \
-        if params.exact else None
-    hutch = timed("heart_hutchinson", lambda: S.gate_derivatives(
+    curv = lambda d, k: d.curvature[k]  # noqa: E731
+    hutch = _timed(seconds, "heart_hutchinson", lambda: S.gate_derivatives(
         model, images, curvature_estimator="hutchinson", probes=params.probes, seed=params.seed, **kw))
-    if "heart" in wanted:
-        put("heart", timed("heart", lambda: S.gate_derivatives(model, images, curvature_estimator="single",
-                                                                scope="layer", **kw)), curv)
-    if "heart_global" in wanted:
-        put("heart_global", timed("heart_global", lambda: S.gate_derivatives(
-            model, images, curvature_estimator="single", scope="global", **kw)), curv)
-    put("heart_hutchinson", hutch, curv)
-    if exact is not None:
-        put("heart_exact", exact, curv)
-    grads = exact or hutch  # the gradient is exact either way
-    put("second_order", exact or hutch, lambda d, k: -d.grad[k] + 0.5 * d.curvature[k])
-    put("taylor", grads, lambda d, k: d.grad[k].abs())
-    put("fisher", grads, lambda d, k: d.grad[k].square())
+    tok["heart_hutchinson"], hd["heart_hutchinson"] = _collect(layers, heads, hutch, curv)
+    # The gradient is exact whatever the curvature estimator: first-order scores come from here.
+    tok["second_order"], hd["second_order"] = _collect(layers, heads, hutch,
+                                                       lambda d, k: -d.grad[k] + 0.5 * d.curvature[k])
+    tok["taylor"], hd["taylor"] = _collect(layers, heads, hutch, lambda d, k: d.grad[k].abs())
+    tok["fisher"], hd["fisher"] = _collect(layers, heads, hutch, lambda d, k: d.grad[k].square())
+    for name, scope in (("heart", "layer"), ("heart_global", "global")):
+        if name in wanted:
+            deriv = _timed(seconds, name, lambda: S.gate_derivatives(model, images, curvature_estimator="single",
+                                                                     scope=scope, **kw))
+            tok[name], hd[name] = _collect(layers, heads, deriv, curv)
     for name in ("cls_attention", "norm", "random"):
         if name in wanted:
-            res = timed(name, lambda: S.score_components(model, images, layers=layers, heads=True, method=name,
-                                                         loss=params.loss, labels=labels, seed=params.seed))
+            res = _timed(seconds, name, lambda: S.score_components(
+                model, images, layers=layers, heads=True, method=name, loss=params.loss, labels=labels,
+                seed=params.seed))
             tok[name], hd[name] = res.tokens, res.heads
-    loo_t = timed("leave_one_out", lambda: S.leave_one_out_tokens(model, images, layers=layers, loss=params.loss,
-                                                                  labels=labels))
-    loo_h = timed("leave_one_out", lambda: S.leave_one_out_heads(model, images, loss=params.loss, labels=labels))
+    loo_t = _timed(seconds, "leave_one_out", lambda: S.leave_one_out_tokens(
+        model, images, layers=layers, loss=params.loss, labels=labels))
+    loo_h = _timed(seconds, "leave_one_out", lambda: S.leave_one_out_heads(
+        model, images, loss=params.loss, labels=labels))
     tok = {k: v for k, v in tok.items() if k in wanted}
     hd = {k: v for k, v in hd.items() if k in wanted}
-    return tok, hd, loo_t, loo_h, exact or hutch
+    return tok, hd, loo_t, loo_h, hutch
 
 
-def params_key(params: Params) -> str:
-    """Digest of what the raw scores depend on (heat-map and bootstrap settings excluded)."""
-    relevant = {k: v for k, v in asdict(params).items() if k not in ("bootstrap", "heatmap_images",
-                                                                       "heatmap_layer", "reuse")}
-    relevant["version"] = SCORES_VERSION
+def _batch_exact(model, images, labels, params: Params, seconds: dict[str, float]):
+    layers = tuple(params.layers)
+    heads = tuple(range(vit_info(model).depth))
+    exact = _timed(seconds, "heart_exact", lambda: S.gate_derivatives(
+        model, images, token_layers=layers, head_layers=heads, loss=params.loss, labels=labels,
+        curvature_estimator="exact"))
+    tok, hd = {}, {}
+    tok["heart_exact"], hd["heart_exact"] = _collect(layers, heads, exact, lambda d, k: d.curvature[k])
+    tok["second_order_exact"], hd["second_order_exact"] = _collect(
+        layers, heads, exact, lambda d, k: -d.grad[k] + 0.5 * d.curvature[k])
+    return tok, hd
+
+
+def params_key(params: Params, stage: str = "scores") -> str:
+    """Digest of what the stored raw scores of `stage` ("scores" or "exact") depend on
+    (display settings excluded; the cheap stage does not depend on exact_limit)."""
+    skip = {"bootstrap", "heatmap_images", "heatmap_layer", "reuse"}
+    if stage == "scores":
+        skip.add("exact_limit")
+    relevant = {k: v for k, v in asdict(params).items() if k not in skip}
+    relevant.update(version=SCORES_VERSION, stage=stage)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _cat(xs) -> np.ndarray:
+    return torch.cat([x.detach().cpu().float() for x in xs]).numpy()
+
+
 def compute_raw(params: Params, progress: bool = True) -> RawScores:
-    """Scores and leave-one-out ground truth for every image (the expensive step)."""
+    """Cheap scores and leave-one-out ground truth for every image (the expensive part is the
+    leave-one-out: one forward per component)."""
     params.check()
     torch.manual_seed(params.seed)
     model, dataset = build(params)
@@ -191,7 +217,7 @@ def compute_raw(params: Params, progress: bool = True) -> RawScores:
     parts: list[tuple] = []
     labels_all, preds_all, loss_all = [], [], []
     seconds: dict[str, float] = {}
-    for images, labels in tqdm(loader, desc="sensitivity", disable=not progress):
+    for images, labels in tqdm(loader, desc="sensitivity: scores + leave-one-out", disable=not progress):
         labels = torch.as_tensor(labels)
         tok, hd, loo_t, loo_h, deriv = _batch_scores(model, images, labels, params, seconds)
         parts.append((tok, hd, loo_t, loo_h))
@@ -199,19 +225,35 @@ def compute_raw(params: Params, progress: bool = True) -> RawScores:
             preds_all.append(model(images).argmax(-1))
         labels_all.append(labels)
         loss_all.append(deriv.loss.cpu())
-
-    def cat(xs):
-        return torch.cat([x.detach().cpu().float() for x in xs]).numpy()
-
-    names_t = parts[0][0].keys()
     return RawScores(
-        tokens={n: {l: cat([p[0][n][l] for p in parts]) for l in params.layers} for n in names_t},
-        heads={n: cat([p[1][n] for p in parts]) for n in parts[0][1]},
-        loo_tokens={l: cat([p[2][l] for p in parts]) for l in params.layers},
-        loo_heads=cat([p[3] for p in parts]),
-        loss=cat(loss_all), labels=torch.cat(labels_all).numpy(), predictions=torch.cat(preds_all).numpy(),
+        tokens={n: {l: _cat([p[0][n][l] for p in parts]) for l in params.layers} for n in parts[0][0]},
+        heads={n: _cat([p[1][n] for p in parts]) for n in parts[0][1]},
+        loo_tokens={l: _cat([p[2][l] for p in parts]) for l in params.layers},
+        loo_heads=_cat([p[3] for p in parts]),
+        loss=_cat(loss_all), labels=torch.cat(labels_all).numpy(), predictions=torch.cat(preds_all).numpy(),
         num_prefix_tokens=vit_info(model).num_prefix_tokens, seconds=seconds,
     )
+
+
+def compute_exact(params: Params, progress: bool = True) -> tuple[dict, dict, dict[str, float]]:
+    """Exact-diagonal scores for the first `exact_limit` images (same order as compute_raw)."""
+    model, dataset = build(params)
+    subset = torch.utils.data.Subset(dataset, list(range(params.exact_limit)))
+    loader = data.make_loader(subset, params.batch_size)
+    seconds: dict[str, float] = {}
+    parts = []
+    for images, labels in tqdm(loader, desc="sensitivity: exact diagonal", disable=not progress):
+        parts.append(_batch_exact(model, images, torch.as_tensor(labels), params, seconds))
+    tok = {n: {l: _cat([p[0][n][l] for p in parts]) for l in params.layers} for n in parts[0][0]}
+    hd = {n: _cat([p[1][n] for p in parts]) for n in parts[0][1]}
+    return tok, hd, seconds
+
+
+def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
+    """Extend along images with NaN (scores not computed for those images)."""
+    out = np.full((rows, *a.shape[1:]), np.nan, dtype=a.dtype)
+    out[: len(a)] = a
+    return out
 
 
 def save_raw(raw: RawScores, path: Path, key: str) -> None:
@@ -251,15 +293,38 @@ def load_raw(path: Path) -> tuple[RawScores, str]:
 
 
 def raw_scores(params: Params, out: Path, progress: bool = True) -> RawScores:
-    """Raw scores from `out/raw_scores.npz` when they match the parameters (and reuse is on), else computed."""
-    path = out / "raw_scores.npz"
-    key = params_key(params)
+    """Raw scores, reused from `out/raw_scores.npz` (and `raw_exact.npz`) when they were computed
+    with the same parameters and reuse is on; else computed and stored (each stage separately, so
+    an interrupted exact pass does not redo the leave-one-out)."""
+    path, exact_path = out / "raw_scores.npz", out / "raw_exact.npz"
+    key, exact_key = params_key(params, "scores"), params_key(params, "exact")
+    raw = None
     if params.reuse and path.is_file():
         raw, stored = load_raw(path)
-        if stored == key:
-            return raw
-    raw = compute_raw(params, progress)
-    save_raw(raw, path, key)
+        if stored != key:
+            raw = None
+    if raw is None:
+        raw = compute_raw(params, progress)
+        save_raw(raw, path, key)
+    wanted = [s for s in EXACT_SCORES if s in params.scores]
+    if params.exact_limit and wanted:
+        exact = None
+        if params.reuse and exact_path.is_file():
+            exact, stored = load_raw(exact_path)
+            if stored != exact_key:
+                exact = None
+        if exact is None:
+            tok, hd, seconds = compute_exact(params, progress)
+            exact = RawScores(tokens=tok, heads=hd, loo_tokens={}, loo_heads=np.zeros(0), loss=np.zeros(0),
+                              labels=np.zeros(0), predictions=np.zeros(0), num_prefix_tokens=raw.num_prefix_tokens,
+                              seconds=seconds)
+            save_raw(exact, exact_path, exact_key)
+        images = len(raw.loss)
+        for name in wanted:
+            raw.tokens[name] = {l: _pad_rows(a, images) for l, a in exact.tokens[name].items()}
+            raw.heads[name] = _pad_rows(exact.heads[name], images)
+        raw.seconds = {**raw.seconds, **exact.seconds}
+        raw.exact_images = params.exact_limit
     return raw
 
 
@@ -269,6 +334,10 @@ def raw_scores(params: Params, out: Path, progress: bool = True) -> RawScores:
 
 def _variants(name: str) -> tuple[str, ...]:
     return S.VARIANTS if name in CURVATURE_SCORES else ("raw",)
+
+
+def _finite_rows(a: np.ndarray) -> np.ndarray:
+    return np.isfinite(a.reshape(len(a), -1)).all(1)
 
 
 def rowwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -299,6 +368,9 @@ def _mean_ci(values: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, 
 
 def _static_ci(score: np.ndarray, truth: np.ndarray, n_boot: int, seed: int) -> dict[str, float]:
     """Correlation of image-averaged scores with image-averaged ΔL, bootstrap over images."""
+    keep = _finite_rows(score)
+    score, truth = score[keep], truth[keep]
+
     def corr(idx):
         s, t = score[idx].mean(0).ravel(), truth[idx].mean(0).ravel()
         return st.spearmanr(s, t).statistic, st.kendalltau(s, t).statistic
@@ -352,13 +424,33 @@ def correlation_table(raw: RawScores, per_image: pd.DataFrame, n_boot: int = 200
         for variant in _variants(name):
             score = S.apply_variant(torch.from_numpy(values), variant).numpy()
             rows.append({"component": "heads (image-mean ranking)", "score": name, "variant": variant,
-                         "aggregation": "pooled: mean over images, then one ranking", "n_images": len(values),
+                         "aggregation": "pooled: mean over images, then one ranking",
+                         "n_images": int(_finite_rows(values).sum()),
                          **_static_ci(score, raw.loo_heads, min(n_boot, 500), seed)})
     order = {c: i for i, c in enumerate(["tokens (mean over layers)"] + [f"tokens@{l}" for l in sorted(raw.loo_tokens)]
                                         + ["heads", "heads (image-mean ranking)"])}
     table = pd.DataFrame(rows)
     table["_o"] = table["component"].map(order)
     return table.sort_values(["_o", "spearman"], ascending=[True, False]).drop(columns="_o").reset_index(drop=True)
+
+
+def estimator_agreement(raw: RawScores, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """How well each fast curvature estimator ranks like the exact diagonal (images with exact scores)."""
+    if "heart_exact" not in raw.tokens or raw.exact_images == 0:
+        return pd.DataFrame()
+    p, k = raw.num_prefix_tokens, raw.exact_images
+    rows = []
+    for name in ("heart", "heart_global", "heart_hutchinson"):
+        if name not in raw.tokens:
+            continue
+        per_layer = [rowwise_spearman(raw.tokens[name][l][:k, p:], raw.tokens["heart_exact"][l][:k, p:])
+                     for l in sorted(raw.tokens[name])]
+        token_mean, lo, hi = _mean_ci(np.mean(per_layer, 0), n_boot, seed)
+        heads = rowwise_spearman(raw.heads[name][:k].reshape(k, -1), raw.heads["heart_exact"][:k].reshape(k, -1))
+        h_mean, h_lo, h_hi = _mean_ci(heads, n_boot, seed)
+        rows.append({"estimator": name, "images": k, "tokens_spearman": token_mean, "tokens_lo": lo, "tokens_hi": hi,
+                     "heads_spearman": h_mean, "heads_lo": h_lo, "heads_hi": h_hi})
+    return pd.DataFrame(rows)
 
 
 def best_scores(table: pd.DataFrame) -> pd.DataFrame:
@@ -388,19 +480,25 @@ def run(params: Params, out: Path, progress: bool = True) -> dict[str, Any]:
     results.write_table(out / "correlations.csv", table, meta=meta)
     best = best_scores(table)
     results.write_table(out / "best.csv", best, meta=meta)
+    agreement = estimator_agreement(raw, params.bootstrap, params.seed)
+    if len(agreement):
+        results.write_table(out / "estimator_vs_exact.csv", agreement, meta=meta)
     images = len(raw.loss)
     summary = {
         "model": params.model, "weights": str(params.weights), "dataset": params.dataset, "images": images,
         "loss": params.loss, "layers": list(params.layers), "num_prefix_tokens": raw.num_prefix_tokens,
         "mean_loss": float(raw.loss.mean()), "pseudo_label_accuracy": float((raw.labels == raw.predictions).mean()),
-        "seconds_per_image": {k: v / images for k, v in raw.seconds.items()},
+        "exact_images": raw.exact_images,
+        "seconds_per_image": {k: v / (raw.exact_images if k == "heart_exact" else images)
+                              for k, v in raw.seconds.items()},
         "best": best.to_dict(orient="records"),
         "aggregation": "tokens: Spearman/Kendall per image across non-prefix tokens of one layer, mean over "
                        "images; heads: per image across all heads, mean over images, and pooled image-mean "
                        "ranking; 95 % percentile bootstrap over images",
     }
     results.write_json(out / "summary.json", summary)
-    return {"raw": raw, "per_image": per_image, "table": table, "best": best, "summary": summary}
+    return {"raw": raw, "per_image": per_image, "table": table, "best": best, "agreement": agreement,
+            "summary": summary}
 
 
 def display_table(table: pd.DataFrame, component: str | None = None) -> pd.DataFrame:
