@@ -47,7 +47,9 @@ from heart_lib.paths import PROJECT_ROOT
 CONFIGS = (("deit_tiny_patch16_224", 32), ("vit_base_patch16_224", 8))
 OPS = ("forward_backward", "forward_backward_explicit", "taylor", "heart_global", "heart_global_forward_over_reverse",
        "heart_hutchinson_k8", "heart_per_layer")
-SLOW_OPS = ("heart_per_layer",)  # timed fewer times (2 x depth HVPs)
+SLOW_OPS = ("heart_per_layer",)  # timed once (2 x depth HVPs)
+WARMUP_OPS = ("forward_backward", "forward_backward_explicit", "taylor")  # allocator and lazy init
+NO_MEMORY_OPS = ("heart_per_layer", "heart_global_forward_over_reverse")  # skipped to save time
 
 
 def setup(name: str, batch: int, seed: int = 0):
@@ -144,12 +146,12 @@ def bench_config(name: str, batch: int, repeats: int, threads: int, ops: tuple[s
     model, images = setup(name, batch)
     fns = {op: op_fn(op, model, images) for op in ops}
     times: dict[str, list[float]] = {op: [] for op in ops}
-    for op in ops:  # warm-up (allocator, lazy init)
-        if op not in SLOW_OPS:
+    for op in ops:
+        if op in WARMUP_OPS:
             fns[op]()
     for r in range(repeats):
         for op in ops:
-            if op in SLOW_OPS and r >= max(1, repeats // 3):
+            if op in SLOW_OPS and r >= 1:
                 continue
             start = time.perf_counter()
             fns[op]()
@@ -163,7 +165,7 @@ def bench_config(name: str, batch: int, repeats: int, threads: int, ops: tuple[s
         rows[op] = {"median_s": round(med, 3), "min_s": round(min(times[op]), 3), "runs": len(times[op]),
                     "ratio_to_forward_backward": round(med / base, 2),
                     "ratio_to_forward_backward_explicit": round(med / base_explicit, 2) if base_explicit else None}
-        if memory:
+        if memory and op not in NO_MEMORY_OPS:
             rows[op]["memory"] = measure_memory(name, batch, op, threads)
     depth = len(model.blocks)
     return {"model": name, "batch": batch, "image_size": 224, "depth": depth, "heads": int(model.blocks[0].attn.num_heads),

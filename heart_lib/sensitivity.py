@@ -49,7 +49,7 @@ from heart_lib.gates import BlockRunner, GateSet, attach_gates, check_layers, nu
 __all__ = [
     "METHODS", "LOSSES", "SCOPES", "CURVATURES", "VARIANTS", "num_prefix_tokens", "per_image_loss",
     "score_tokens", "score_heads", "score_components", "Scores", "gate_derivatives", "GateDerivatives",
-    "leave_one_out_tokens", "leave_one_out_heads", "apply_variant", "NonFiniteLossError",
+    "leave_one_out_tokens", "leave_one_out_heads", "apply_variant", "NonFiniteLossError", "gate_eigenpair",
 ]
 
 METHODS = ("heart", "heart_hutchinson", "heart_exact", "second_order", "taylor", "fisher", "cls_attention",
@@ -546,3 +546,46 @@ def leave_one_out_heads(model: nn.Module, images: torch.Tensor, *, loss: str = "
         raise ValueError(f"chunk = {chunk}: must be a positive integer")
     per_layer = _loo(model, images, "head", tuple(range(info.depth)), loss, labels, None, chunk)
     return _stack_heads([per_layer[l] for l in range(info.depth)])
+
+
+# ---------------------------------------------------------------------------------------------
+# dominant curvature direction (CAMP-HiVe-style power iteration, in gate space)
+
+
+def gate_eigenpair(model: nn.Module, images: torch.Tensor, *, layers: Iterable[int] = (), heads: bool = True,
+                   loss: str = "pseudo", labels: torch.Tensor | None = None, iters: int = 30, tol: float = 1e-3,
+                   seed: int = 0, mode: str = "double_backward"
+                   ) -> tuple[torch.Tensor, dict[tuple[str, int], torch.Tensor], bool]:
+    """Per image, the dominant eigenpair (largest |λ|) of the gate Hessian over the requested gates.
+
+    Returns (eigenvalues [B], unit eigenvector per gate group {("token", l): [B, N], ("head", l):
+    [B, H]}, converged). One power iteration runs per image from the same HVPs (batch independence).
+    """
+    _check_images(images)
+    _check_choice("loss", loss, LOSSES)
+    info = vit_info(model)
+    layers = tuple(layers) if not isinstance(layers, int) else (layers,)
+    tl = check_layers(layers, info.depth, "layers") if layers else ()
+    hl = tuple(range(info.depth)) if heads else ()
+    if not tl and not hl:
+        raise ValueError("nothing to analyse: give layers and/or heads=True")
+    labels = _check_labels(loss, labels, images.shape[0])
+    groups = _groups(info, tl, hl)
+    with _fp32_and_explicit_attention(model) as dtype:
+        images = images.to(dtype)
+        gates = attach_gates(model, token_layers=tl, head_layers=hl)
+        try:
+            start = min(layer for _, layer in groups)
+            runner = BlockRunner(model, images, record=start > 0)
+            tokens = runner.num_tokens if runner.inputs else _token_count(model, images)
+            primals = tuple(torch.ones(images.shape[0], tokens if kind == "token" else info.num_heads[layer],
+                                       dtype=dtype, device=images.device) for kind, layer in groups)
+            fn = _loss_fn(runner, gates, groups, loss, labels, start, None)
+            result = curvature.power_iteration(fn, primals, iters=iters, tol=tol, seed=seed, batch_dim=True,
+                                               mode=mode)
+        finally:
+            gates.detach()
+    if not bool(torch.isfinite(result.eigenvalue).all()):
+        bad = (~torch.isfinite(result.eigenvalue)).nonzero().flatten().tolist()
+        raise NonFiniteLossError(bad, [float("nan")] * len(bad))
+    return result.eigenvalue, dict(zip(groups, result.eigenvector)), result.converged
