@@ -290,3 +290,12 @@ def test_chapter_params_validation():
                 {"head_targets": [1.0]}, {"joint_selectors": ["tome"]}, {"calib_method": "taylor"}):
         with pytest.raises(config.ConfigError, match=next(iter(bad))):
             config.validate("pruning", bad)
+
+
+def test_tome_schedule_never_empties_the_sequence():
+    from heart_lib.experiments.pruning import tome_config
+
+    for r in (0, 8, 40, 98):
+        config = tome_config(r, 196, 12)
+        plan = token_plan(config, 196, 12, 1)
+        assert plan[-1][1] >= 2 and all(0 < k <= 1 for k in config.keep)

@@ -31,7 +31,7 @@ from heart_lib import data, models, results
 from heart_lib.budget import Calibration, predicted_loss, schedule_for_budget
 from heart_lib.flops import count_flops, counted_flops, vit_shape
 from heart_lib.pruning import DROP_SELECTORS, PEER_METHODS, PruningConfig, prune, train_token_gate
-from heart_lib.pruning.selectors import block_inputs, gate_rank_agreement
+from heart_lib.pruning.selectors import TokenGateSet, block_inputs, gate_rank_agreement
 from heart_lib.stats import wilson_interval
 
 SWEEP_VERSION = 1  # bump when the sweep's meaning changes, so cached tables are not reused
@@ -181,13 +181,46 @@ def _scores_in_batches(model, images, labels, params: Params, layers, heads: boo
     return ({l: torch.cat(v) for l, v in tokens.items()}, torch.cat(head_parts) if heads else None)
 
 
+def _cache_folder(params: Params) -> Path:
+    from heart_lib.paths import cache_dir
+
+    folder = cache_dir() / "pruning" / params.key()
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def prepare(params: Params) -> Context:
-    """Load model and images, score calibration images, train the gate, run the val oracle subset."""
+    """Load model and images, score calibration images, train the gate, run the val oracle subset.
+
+    The expensive parts (scores, dense outputs, gate) are cached under the data cache, keyed by the
+    parameters, so an interrupted sweep resumes without re-running the HVPs."""
     torch.manual_seed(params.seed)
     model = models.create_model(params.model, params.weights, params.num_classes, seed=params.seed,
                                 **params.model_kwargs)
     images, labels = _load(params.dataset, model, params, params.limit, params.seed)
     calib_images, calib_labels = _load(params.calib_dataset, model, params, params.calib_limit, params.seed + 1)
+    cached = _cache_folder(params) / "prepare.pt"
+    if cached.is_file():
+        blob = torch.load(cached, weights_only=False)
+        prefix_layer = min(params.layers) - 1
+        stream = (block_inputs(model, images, (prefix_layer,), params.batch_size)[prefix_layer]
+                  if prefix_layer > 0 else None)
+        gate = TokenGateSet(blob["gate_dim"], tuple(params.layers), params.gate_hidden)
+        gate.load_state_dict(blob["gate"])
+        return Context(params, model, images, labels, calib_images, calib_labels, blob["dense_logits"],
+                       count_flops(model), max(prefix_layer, 0), stream, blob["calib_tokens"], blob["head_scores"],
+                       blob["calib_heads"], gate.eval(), blob["agreement"], blob["oracle_index"],
+                       blob["oracle_scores"], blob["costs"])
+    ctx = _prepare(params, model, images, labels, calib_images, calib_labels)
+    with results.atomic_path(cached) as tmp:
+        torch.save({"dense_logits": ctx.dense_logits, "calib_tokens": ctx.calib_token_scores,
+                    "head_scores": ctx.head_scores, "calib_heads": ctx.calib_head_raw, "gate": ctx.gate.state_dict(),
+                    "gate_dim": ctx.gate.dim, "agreement": ctx.gate_agreement, "oracle_index": ctx.oracle_index,
+                    "oracle_scores": ctx.oracle_scores, "costs": ctx.costs}, tmp)
+    return ctx
+
+
+def _prepare(params: Params, model, images, labels, calib_images, calib_labels) -> Context:
     costs: dict[str, float] = {}
     t0 = time.perf_counter()
     dense_logits = _logits(model, images, params.batch_size)
@@ -273,7 +306,7 @@ def tome_config(r: int, num_patches: int, depth: int, heads=()) -> PruningConfig
     """ToMe's constant-r schedule (r merges in every block) as per-layer keep ratios."""
     keeps, n = [], num_patches
     for _ in range(depth):
-        r_eff = min(r, (n + 1) // 2)
+        r_eff = min(r, (n + 1) // 2, n - 1)  # never merge the last token away
         keeps.append((n - r_eff) / n if n > 0 else 1.0)
         n -= r_eff
     return PruningConfig(layers=tuple(range(depth)), keep=tuple(keeps), selector="tome", heads=heads)
@@ -442,8 +475,17 @@ def run(params: Params, out: Path) -> dict[str, pd.DataFrame]:
     items = sweep_items(ctx)
     b_items, predicted = budget_items(ctx)
     rows, per_image = [], {}
+    folder = _cache_folder(params)
     for item in tqdm(items + b_items, desc="sweep", leave=False):
-        row, loss, correct = evaluate_item(ctx, item)
+        name = hashlib.sha256(f"{item.family}|{item.method}|{item.level}|{item.config}|{item.subset}".encode()
+                              ).hexdigest()[:16]
+        path = folder / f"item-{name}.pt"
+        if path.is_file():
+            row, loss, correct = torch.load(path, weights_only=False)
+        else:
+            row, loss, correct = evaluate_item(ctx, item)
+            with results.atomic_path(path) as tmp:
+                torch.save((row, loss, correct), tmp)
         rows.append(row)
         per_image[f"{item.family}|{item.method}|{item.level}|{row['images']}"] = correct
     sweep = pd.DataFrame(rows)
