@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,7 +86,8 @@ class Params:
     distill_alpha: float = 0.9
     distill_temperature: float = 1.0
     # recipe shared by every run
-    batch_size: int = 64
+    batch_size: int = 32
+    min_crop_scale: float = 0.5  # training augmentation: random resized crops of at least this area, and flips
     warmup_epochs: float = 0.2
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
@@ -111,6 +113,8 @@ class Params:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"parameter {name!r} = {value!r}: must be a positive integer or null")
+        if not 0 < self.min_crop_scale <= 1:
+            raise ValueError(f"parameter 'min_crop_scale' = {self.min_crop_scale}: must be in (0, 1]")
         if self.joint_heads < 1:
             raise ValueError(f"parameter 'joint_heads' = {self.joint_heads}: must be a positive integer")
         if self.amp not in AMP_MODES:
@@ -243,7 +247,7 @@ def transfer_part(params: Params) -> tuple[Part, pd.DataFrame]:
     """(a): the pretrained model with a new head, fine-tuned on the transfer training set."""
     dense = model_at_resolution(params.model, params.weights, 10, params.transfer_image_size, seed=params.seed,
                                 **params.model_kwargs)
-    train_tf = image_transform(dense, train=True)
+    train_tf = image_transform(dense, train=True, min_scale=params.min_crop_scale)
     test_tf = image_transform(dense, train=False, crop_pct=1.0)  # 32 px images: resize, never crop
     train_set = _dataset(params, params.transfer_train, dense, None, params.transfer_train_limit)
     test_set = _test_set(_dataset(params, params.transfer_test, dense, test_tf, params.transfer_test_limit), dense)
@@ -261,7 +265,7 @@ def imagenet_part(params: Params) -> Part:
     """(b): the pretrained model at the chosen resolution, distilled on the ImageNet sample."""
     dense = model_at_resolution(params.model, params.weights, None, params.imagenet_image_size, seed=params.seed,
                                 **params.model_kwargs)
-    train_tf = image_transform(dense, train=True)
+    train_tf = image_transform(dense, train=True, min_scale=params.min_crop_scale)
     test_tf = image_transform(dense, train=False)
     train_set = _dataset(params, params.imagenet_train, dense, None, params.imagenet_train_limit)
     test_set = _test_set(_dataset(params, params.imagenet_test, dense, test_tf, params.imagenet_test_limit), dense)
@@ -361,6 +365,8 @@ def run(params: Params, out: Path) -> dict[str, pd.DataFrame]:
     for name, table in tables.items():
         results.write_table(out / f"{name}.csv", table, meta=meta)
     results.write_json(out / "run.json", meta)
+    # The tables hold every result; the checkpoints (tens of MB per run) only served resumption.
+    shutil.rmtree(_run_dir(params), ignore_errors=True)
     return tables
 
 
@@ -422,7 +428,8 @@ def scale_sentence(params: Params, accuracy: pd.DataFrame, history: pd.DataFrame
             f"learning rate {params.imagenet_lr:g}); tested on {n_test:,} `{params.imagenet_test}` images.")
     parts.append(f"Recipe: AdamW, weight decay {params.weight_decay:g}, cosine schedule with "
                  f"{params.warmup_epochs:g}-epoch warm-up, label smoothing {params.label_smoothing:g}, batch "
-                 f"{params.batch_size}, seed {params.seed}; the paper fine-tunes for 100 epochs.")
+                 f"{params.batch_size}, random resized crops (area ≥ {params.min_crop_scale:g}) and flips, seed "
+                 f"{params.seed}; the paper fine-tunes for 100 epochs.")
     return "\n\n".join(parts)
 
 
