@@ -186,20 +186,31 @@ def hutchinson_diagonal(fn: ScalarFn, primals: torch.Tensor | Sequence[torch.Ten
 
 
 def exact_diagonal(fn: ScalarFn, primals: torch.Tensor | Sequence[torch.Tensor], *, batch_dim: bool = False,
-                   mode: str = "double_backward") -> tuple[Tensors, torch.Tensor, Tensors]:
+                   mode: str = "double_backward", coordinates: Sequence[Sequence[int] | None] | None = None
+                   ) -> tuple[Tensors, torch.Tensor, Tensors]:
     """diag(H) exactly, one HVP per coordinate (per coordinate of one sample with `batch_dim`).
 
-    Returns (diag, value, grad). Meant for small problems and for verifying estimators.
+    `coordinates` optionally lists, per primal, the flat indices (within a sample with `batch_dim`)
+    to compute; the others are NaN. Returns (diag, value, grad). Meant for small problems and for
+    verifying estimators.
     """
     _check_mode(mode)
     primals = _as_tuple(primals)
+    if coordinates is not None and len(coordinates) != len(primals):
+        raise ValueError(f"coordinates has {len(coordinates)} entries for {len(primals)} primals")
     op = make_operator(fn, primals, mode)
     diag = [torch.zeros_like(p) for p in primals]
     for i, p in enumerate(primals):
         inner_shape = p.shape[1:] if batch_dim else p.shape
-        for flat in range(max(1, int(torch.Size(inner_shape).numel()))):
+        size = max(1, int(torch.Size(inner_shape).numel()))
+        todo = range(size) if coordinates is None or coordinates[i] is None else coordinates[i]
+        if coordinates is not None and coordinates[i] is not None:
+            diag[i].fill_(float("nan"))
+        for flat in todo:
+            if not 0 <= int(flat) < size:
+                raise ValueError(f"coordinate {flat} out of range for primal {i} with {size} entries")
             tangents = [torch.zeros_like(q) for q in primals]
-            index = torch.unravel_index(torch.tensor(flat), inner_shape) if inner_shape else ()
+            index = torch.unravel_index(torch.tensor(int(flat)), inner_shape) if inner_shape else ()
             index = tuple(int(j) for j in index)
             if batch_dim:
                 tangents[i][(slice(None),) + index] = 1

@@ -213,14 +213,15 @@ def _loss_fn(runner: BlockRunner, gates: GateSet, groups: list[tuple[str, int]],
 def gate_derivatives(model: nn.Module, images: torch.Tensor, *, token_layers: Iterable[int] = (),
                      head_layers: Iterable[int] = (), loss: str = "pseudo", labels: torch.Tensor | None = None,
                      curvature_estimator: str | None = "single", probes: int = 8, seed: int = 0,
-                     scope: str = "layer", mode: str = "double_backward", keep_probes: bool = False
-                     ) -> GateDerivatives:
+                     scope: str = "layer", mode: str = "double_backward", keep_probes: bool = False,
+                     components: dict[tuple[str, int], list[int]] | None = None) -> GateDerivatives:
     """Gradient and diagonal curvature of the summed loss w.r.t. token/head gates at m = 1.
 
     curvature_estimator: None (gradient only), "single" (all-ones probe; per group with
     scope="layer", over all groups at once with scope="global"), "hutchinson" (`probes` Rademacher
     probes over all groups jointly), "exact" (one HVP per component and group, batched over images).
     mode: "double_backward" or "forward_over_reverse" (see heart_lib.curvature).
+    components: with "exact", optionally only these indices per group key (others NaN).
     """
     _check_images(images)
     _check_choice("loss", loss, LOSSES)
@@ -288,7 +289,8 @@ def gate_derivatives(model: nn.Module, images: torch.Tensor, *, token_layers: It
                 if keep_probes:
                     out.probes.update(dict(zip(plan, stacked)))
             else:
-                diag, _, grad = curvature.exact_diagonal(fn, primals, batch_dim=True, mode=mode)
+                coords = None if components is None else [components.get(g) for g in plan]
+                diag, _, grad = curvature.exact_diagonal(fn, primals, batch_dim=True, mode=mode, coordinates=coords)
                 out.grad.update(dict(zip(plan, grad)))
                 out.curvature.update(dict(zip(plan, diag)))
             if "loss" in stash:
@@ -304,7 +306,10 @@ def gate_derivatives(model: nn.Module, images: torch.Tensor, *, token_layers: It
     for key in list(out.grad):  # a NaN gradient with a finite loss is still worth naming
         finite = torch.isfinite(out.grad[key]).flatten(1).all(1)
         if key in out.curvature:
-            finite &= torch.isfinite(out.curvature[key]).flatten(1).all(1)
+            curv = out.curvature[key]
+            if components is not None and components.get(key) is not None:
+                curv = curv[:, list(components[key])]  # the others are NaN on purpose
+            finite &= torch.isfinite(curv).flatten(1).all(1)
         if not bool(finite.all()):
             bad = (~finite).nonzero().flatten().tolist()
             raise NonFiniteLossError(bad, [float(out.loss[i]) for i in bad])

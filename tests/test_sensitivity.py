@@ -316,3 +316,22 @@ def test_unit_gate_eigenpair_matches_dense_hessian(problem):
         assert torch.allclose(values[b], top, rtol=1e-5), (float(values[b]), float(top))
         v = torch.cat([vectors[k][b] for k in problem["keys"]])
         assert torch.allclose(hess[rows][:, rows] @ v, top * v, atol=1e-4 * float(top.abs()))
+
+
+def test_unit_rowwise_rank_correlations_match_scipy():
+    import numpy as np
+    from scipy import stats as st
+
+    from heart_lib.experiments.sensitivity import rowwise_kendall, rowwise_spearman
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4, 25))
+    b = a + rng.normal(size=(4, 25))
+    a[1, 3] = np.nan  # columns missing in one row are skipped in that row only
+    b[2, [4, 5]] = np.nan
+    a[3] = np.round(a[3])  # ties
+    for ours, theirs in ((rowwise_spearman, st.spearmanr), (rowwise_kendall, st.kendalltau)):
+        expected = [theirs(x[np.isfinite(x) & np.isfinite(y)], y[np.isfinite(x) & np.isfinite(y)]).statistic
+                    for x, y in zip(a, b)]
+        assert np.allclose(ours(a, b), expected, atol=1e-12)
+    assert np.isnan(rowwise_spearman(np.ones((1, 5)), np.arange(5.0)[None]))[0]

@@ -65,6 +65,7 @@ class Params:
     num_classes: int | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     layers: list[int] = field(default_factory=lambda: [3, 6, 9])  # token layers (block inputs)
+    loo_tokens: int | None = None  # leave-one-out on this many random non-prefix tokens per layer and batch
     loss: str = "pseudo"  # true | pseudo | kl
     probes: int = 8  # Hutchinson probes
     exact_limit: int = 8  # images that also get the exact diagonal (one HVP per component); 0 = none
@@ -86,6 +87,8 @@ class Params:
         unknown = [s for s in self.scores if s not in ALL_SCORES]
         if unknown:
             raise ValueError(f"parameter 'scores' has unknown entries {unknown}: allowed {list(ALL_SCORES)}")
+        if self.loo_tokens is not None and self.loo_tokens < 3:
+            raise ValueError(f"parameter 'loo_tokens' = {self.loo_tokens}: must be >= 3 or null (all tokens)")
         if self.exact_limit < 0 or self.exact_limit > self.limit:
             raise ValueError(f"parameter 'exact_limit' = {self.exact_limit}: must be in 0..limit ({self.limit})")
         if self.exact_limit == 0 and any(s in EXACT_SCORES for s in self.scores):
@@ -171,7 +174,7 @@ def _batch_scores(model, images, labels, params: Params, seconds: dict[str, floa
                 seed=params.seed))
             tok[name], hd[name] = res.tokens, res.heads
     loo_t = _timed(seconds, "leave_one_out", lambda: S.leave_one_out_tokens(
-        model, images, layers=layers, loss=params.loss, labels=labels))
+        model, images, layers=layers, loss=params.loss, labels=labels, tokens=_loo_subset(params, images, model)))
     loo_h = _timed(seconds, "leave_one_out", lambda: S.leave_one_out_heads(
         model, images, loss=params.loss, labels=labels))
     tok = {k: v for k, v in tok.items() if k in wanted}
@@ -179,12 +182,28 @@ def _batch_scores(model, images, labels, params: Params, seconds: dict[str, floa
     return tok, hd, loo_t, loo_h, hutch
 
 
-def _batch_exact(model, images, labels, params: Params, seconds: dict[str, float]):
+def _loo_subset(params: Params, images: torch.Tensor, model) -> dict[int, list[int]] | None:
+    """Which tokens get leave-one-out ΔL (None = all). A seeded random subset of non-prefix tokens
+    per layer, drawn from the batch's first pixels too, so batches differ but runs repeat."""
+    if params.loo_tokens is None:
+        return None
+    prefix = vit_info(model).num_prefix_tokens
+    n = int(model.patch_embed.num_patches)
+    if params.loo_tokens >= n:
+        return None
+    salt = int(hashlib.sha256(images[:, :, :2, :2].numpy().tobytes()).hexdigest()[:8], 16)
+    gen = torch.Generator().manual_seed(params.seed * 1_000_003 + salt)
+    return {l: sorted((torch.randperm(n, generator=gen)[: params.loo_tokens] + prefix).tolist()) for l in params.layers}
+
+
+def _batch_exact(model, images, labels, params: Params, seconds: dict[str, float],
+                 tokens: dict[int, list[int]] | None = None):
     layers = tuple(params.layers)
     heads = tuple(range(vit_info(model).depth))
+    components = None if tokens is None else {("token", l): tokens[l] for l in layers}
     exact = _timed(seconds, "heart_exact", lambda: S.gate_derivatives(
         model, images, token_layers=layers, head_layers=heads, loss=params.loss, labels=labels,
-        curvature_estimator="exact"))
+        curvature_estimator="exact", components=components))
     tok, hd = {}, {}
     tok["heart_exact"], hd["heart_exact"] = _collect(layers, heads, exact, lambda d, k: d.curvature[k])
     tok["second_order_exact"], hd["second_order_exact"] = _collect(
@@ -197,7 +216,7 @@ def params_key(params: Params, stage: str = "scores") -> str:
     (display settings excluded; the cheap stage does not depend on exact_limit)."""
     skip = {"bootstrap", "heatmap_images", "heatmap_layer", "reuse"}
     if stage == "scores":
-        skip.add("exact_limit")
+        skip.add("exact_limit")  # (the exact stage depends on loo_tokens too: it scores those tokens)
     relevant = {k: v for k, v in asdict(params).items() if k not in skip}
     relevant.update(version=SCORES_VERSION, stage=stage)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -235,15 +254,23 @@ def compute_raw(params: Params, progress: bool = True) -> RawScores:
     )
 
 
-def compute_exact(params: Params, progress: bool = True) -> tuple[dict, dict, dict[str, float]]:
-    """Exact-diagonal scores for the first `exact_limit` images (same order as compute_raw)."""
+def compute_exact(params: Params, raw: RawScores | None = None, progress: bool = True
+                  ) -> tuple[dict, dict, dict[str, float]]:
+    """Exact-diagonal scores for the first `exact_limit` images (same order as compute_raw), for the
+    tokens that have leave-one-out ΔL in `raw` (all tokens when raw is None or complete)."""
     model, dataset = build(params)
     subset = torch.utils.data.Subset(dataset, list(range(params.exact_limit)))
     loader = data.make_loader(subset, params.batch_size)
     seconds: dict[str, float] = {}
     parts = []
+    first = 0
     for images, labels in tqdm(loader, desc="sensitivity: exact diagonal", disable=not progress):
-        parts.append(_batch_exact(model, images, torch.as_tensor(labels), params, seconds))
+        tokens = None
+        if raw is not None and params.loo_tokens is not None:
+            rows = slice(first, first + len(images))
+            tokens = {l: np.flatnonzero(np.isfinite(raw.loo_tokens[l][rows]).any(0)).tolist() for l in params.layers}
+        first += len(images)
+        parts.append(_batch_exact(model, images, torch.as_tensor(labels), params, seconds, tokens))
     tok = {n: {l: _cat([p[0][n][l] for p in parts]) for l in params.layers} for n in parts[0][0]}
     hd = {n: _cat([p[1][n] for p in parts]) for n in parts[0][1]}
     return tok, hd, seconds
@@ -314,7 +341,7 @@ def raw_scores(params: Params, out: Path, progress: bool = True) -> RawScores:
             if stored != exact_key:
                 exact = None
         if exact is None:
-            tok, hd, seconds = compute_exact(params, progress)
+            tok, hd, seconds = compute_exact(params, raw, progress)
             exact = RawScores(tokens=tok, heads=hd, loo_tokens={}, loo_heads=np.zeros(0), loss=np.zeros(0),
                               labels=np.zeros(0), predictions=np.zeros(0), num_prefix_tokens=raw.num_prefix_tokens,
                               seconds=seconds)
@@ -340,20 +367,48 @@ def _finite_rows(a: np.ndarray) -> np.ndarray:
     return np.isfinite(a.reshape(len(a), -1)).all(1)
 
 
+def _valid(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.isfinite(a) & np.isfinite(b)
+
+
+def _ranks(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Average ranks (1..n) along rows over the valid entries; NaN elsewhere."""
+    filled = np.where(valid, x, np.inf)  # invalid entries rank last, then are blanked
+    ranks = st.rankdata(filled, axis=1, method="average")
+    return np.where(valid, ranks, np.nan)
+
+
 def rowwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Spearman correlation of each row of a with the same row of b (ties get average ranks)."""
-    ra = st.rankdata(a, axis=1)
-    rb = st.rankdata(b, axis=1)
-    ra -= ra.mean(1, keepdims=True)
-    rb -= rb.mean(1, keepdims=True)
-    denom = np.sqrt((ra ** 2).sum(1) * (rb ** 2).sum(1))
+    """Spearman ρ of each row of a with the same row of b, over the columns where both are finite
+    (ties get average ranks); NaN where fewer than 3 such columns or a row is constant."""
+    a, b = np.atleast_2d(np.asarray(a, float)), np.atleast_2d(np.asarray(b, float))
+    valid = _valid(a, b)
+    ra, rb = _ranks(a, valid), _ranks(b, valid)
+    ra -= np.nanmean(ra, 1, keepdims=True)
+    rb -= np.nanmean(rb, 1, keepdims=True)
+    num = np.nansum(ra * rb, 1)
+    den = np.sqrt(np.nansum(ra ** 2, 1) * np.nansum(rb ** 2, 1))
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denom > 0, (ra * rb).sum(1) / denom, np.nan)
+        out = num / den
+    out[(valid.sum(1) < 3) | ~(den > 0)] = np.nan
+    return out
 
 
 def rowwise_kendall(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Kendall's tau-b of each row pair."""
-    return np.array([st.kendalltau(x, y).statistic for x, y in zip(a, b)])
+    """Kendall's τ-b of each row pair over the columns where both are finite (all pairs at once:
+    Σ sign(Δa)·sign(Δb) / sqrt(Σ|sign Δa| · Σ|sign Δb|))."""
+    a, b = np.atleast_2d(np.asarray(a, float)), np.atleast_2d(np.asarray(b, float))
+    valid = _valid(a, b)
+    a, b = np.where(valid, a, 0.0), np.where(valid, b, 0.0)
+    pair = valid[:, :, None] & valid[:, None, :]
+    sa = np.sign(a[:, :, None] - a[:, None, :]) * pair
+    sb = np.sign(b[:, :, None] - b[:, None, :]) * pair
+    num = (sa * sb).sum((1, 2))
+    den = np.sqrt(np.abs(sa).sum((1, 2)) * np.abs(sb).sum((1, 2)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = num / den
+    out[(valid.sum(1) < 3) | ~(den > 0)] = np.nan
+    return out
 
 
 def _mean_ci(values: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, float]:
@@ -369,18 +424,14 @@ def _mean_ci(values: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, 
 def _static_ci(score: np.ndarray, truth: np.ndarray, n_boot: int, seed: int) -> dict[str, float]:
     """Correlation of image-averaged scores with image-averaged ΔL, bootstrap over images."""
     keep = _finite_rows(score)
-    score, truth = score[keep], truth[keep]
-
-    def corr(idx):
-        s, t = score[idx].mean(0).ravel(), truth[idx].mean(0).ravel()
-        return st.spearmanr(s, t).statistic, st.kendalltau(s, t).statistic
-
-    point = corr(np.arange(len(score)))
+    score, truth = score[keep].reshape(keep.sum(), -1), truth[keep].reshape(keep.sum(), -1)
     rng = np.random.default_rng(seed)
-    boots = np.array([corr(rng.integers(0, len(score), len(score))) for _ in range(n_boot)])
-    return {"spearman": point[0], "spearman_lo": np.nanquantile(boots[:, 0], 0.025),
-            "spearman_hi": np.nanquantile(boots[:, 0], 0.975), "kendall": point[1],
-            "kendall_lo": np.nanquantile(boots[:, 1], 0.025), "kendall_hi": np.nanquantile(boots[:, 1], 0.975)}
+    idx = np.concatenate([np.arange(len(score))[None], rng.integers(0, len(score), (n_boot, len(score)))])
+    s_mean, t_mean = score[idx].mean(1), truth[idx].mean(1)  # [1 + n_boot, components]
+    rho, tau = rowwise_spearman(s_mean, t_mean), rowwise_kendall(s_mean, t_mean)
+    return {"spearman": rho[0], "spearman_lo": np.nanquantile(rho[1:], 0.025),
+            "spearman_hi": np.nanquantile(rho[1:], 0.975), "kendall": tau[0],
+            "kendall_lo": np.nanquantile(tau[1:], 0.025), "kendall_hi": np.nanquantile(tau[1:], 0.975)}
 
 
 def per_image_correlations(raw: RawScores) -> pd.DataFrame:
@@ -426,7 +477,7 @@ def correlation_table(raw: RawScores, per_image: pd.DataFrame, n_boot: int = 200
             rows.append({"component": "heads (image-mean ranking)", "score": name, "variant": variant,
                          "aggregation": "pooled: mean over images, then one ranking",
                          "n_images": int(_finite_rows(values).sum()),
-                         **_static_ci(score, raw.loo_heads, min(n_boot, 500), seed)})
+                         **_static_ci(score, raw.loo_heads, n_boot, seed)})
     order = {c: i for i, c in enumerate(["tokens (mean over layers)"] + [f"tokens@{l}" for l in sorted(raw.loo_tokens)]
                                         + ["heads", "heads (image-mean ranking)"])}
     table = pd.DataFrame(rows)
@@ -512,23 +563,31 @@ def display_table(table: pd.DataFrame, component: str | None = None) -> pd.DataF
 
 
 def correlation_figure(table: pd.DataFrame):
-    """Spearman with intervals per score (best variant of each), tokens vs heads."""
+    """Spearman with 95 % intervals per score (its best variant, named beside the point), one panel per
+    component, scores in one shared order (by the token correlation)."""
     from heart_lib import plots
     import matplotlib.pyplot as plt
 
     plots.use_style()
-    comps = ["tokens (mean over layers)", "heads", "heads (image-mean ranking)"]
-    fig, axes = plt.subplots(1, len(comps), figsize=(15, 4.8), sharey=False)
-    for ax, comp in zip(axes, comps):
-        t = table[table["component"] == comp]
-        t = t.loc[t.groupby("score")["spearman"].idxmax()].sort_values("spearman")
-        y = np.arange(len(t))
+    comps = [c for c in ("tokens (mean over layers)", "heads", "heads (image-mean ranking)")
+             if c in set(table["component"])]
+    best = {c: (lambda t: t.loc[t.groupby("score")["spearman"].idxmax()].set_index("score"))(
+        table[table["component"] == c]) for c in comps}
+    order = best[comps[0]].sort_values("spearman").index.tolist()
+    fig, axes = plt.subplots(1, len(comps), figsize=(4.2 * len(comps) + 3, 0.42 * len(order) + 1.6),
+                             sharey=True, squeeze=False)
+    y = np.arange(len(order))
+    for ax, comp in zip(axes[0], comps):
+        t = best[comp].reindex(order)
         ax.errorbar(t["spearman"], y, xerr=[t["spearman"] - t["spearman_lo"], t["spearman_hi"] - t["spearman"]],
                     fmt="o", capsize=3)
-        ax.set_yticks(y, [f"{SCORE_LABELS[s]} ({v})" for s, v in zip(t["score"], t["variant"])])
+        for yi, (rho, hi, var) in enumerate(zip(t["spearman"], t["spearman_hi"], t["variant"])):
+            if var != "raw" and np.isfinite(rho):
+                ax.annotate(var, (hi, yi), xytext=(4, -3), textcoords="offset points", fontsize=7, color="grey")
         ax.axvline(0, color="grey", lw=0.8)
-        ax.set(xlabel="Spearman ρ with leave-one-out ΔL", title=comp)
-    fig.suptitle("Rank correlation of each score with the measured loss change (best variant per score)")
+        ax.set(xlabel="Spearman ρ with leave-one-out ΔL", title=comp, xlim=(-0.3, 1.05))
+    axes[0][0].set_yticks(y, [SCORE_LABELS[s] for s in order])
+    fig.suptitle("Rank correlation with the measured loss change (best variant per score; raw unless named)")
     return fig
 
 
