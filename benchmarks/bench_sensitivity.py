@@ -47,7 +47,7 @@ from heart_lib.paths import PROJECT_ROOT
 CONFIGS = (("deit_tiny_patch16_224", 32), ("vit_base_patch16_224", 8))
 OPS = ("forward_backward", "forward_backward_explicit", "taylor", "heart_global", "heart_global_forward_over_reverse",
        "heart_hutchinson_k8", "heart_per_layer")
-SLOW_OPS = ("heart_per_layer",)  # timed once (2 x depth HVPs)
+SLOW_OPS = ("heart_per_layer", "heart_hutchinson_k8")  # timed once (2 x depth HVPs; 8 HVPs)
 WARMUP_OPS = ("forward_backward", "forward_backward_explicit", "taylor")  # allocator and lazy init
 NO_MEMORY_OPS = ("heart_per_layer", "heart_global_forward_over_reverse")  # skipped to save time
 
@@ -173,28 +173,32 @@ def bench_config(name: str, batch: int, repeats: int, threads: int, ops: tuple[s
 
 
 def markdown(report: dict) -> str:
-    fp = report["fingerprint"]
     lines = ["# HEART sensitivity cost on CPU", "",
-             f"{fp['cpu_model']}, {fp['torch_threads']} torch threads ({fp['logical_cpus']} logical CPUs), "
-             f"torch {fp['torch']}, timm {fp['timm']}, {fp['date']}, commit {fp['git_commit']}. "
-             f"Load average before/after: {report['load_before']} / {report['load_after']} "
-             "(the machine is shared; ops are timed round-robin so load hits all alike).", "",
-             "Scores cover every token at the input of every block and every head. Ratio = median time / "
-             "median time of one forward+backward (fused attention, weight gradients) of the same batch, "
-             "measured in the same run; 'vs explicit' uses the forward+backward on the explicit attention path "
+             "Scores cover every token at the input of every block and every head, for a batch of 224 px "
+             "images. Ratio = median time / median time of one forward+backward (fused attention, weight "
+             "gradients, cross-entropy) of the same batch, measured in the same run, ops interleaved "
+             "round-robin; 'vs explicit' divides by the forward+backward on the explicit attention path "
              "that double backward needs. Memory: peak RSS of a fresh process running the op once, and its "
-             "increase over the process after model and batch setup.", "",
-             "| model | batch | op | median s | runs | ratio | vs explicit | peak RSS MB | extra MB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "increase over that process after model and batch setup. The machine is shared: see the load "
+             "averages; absolute times are inflated by other jobs, ratios less so.", ""]
     for cfg in report["configs"]:
+        fp = cfg["fingerprint"]
+        lines += [f"## {cfg['model']}, batch {cfg['batch']}", "",
+                  f"{fp['cpu_model']}, {fp['torch_threads']} torch threads ({fp['logical_cpus']} logical CPUs), "
+                  f"torch {fp['torch']}, timm {fp['timm']}, {fp['date']}, commit {fp['git_commit']}; "
+                  f"load average before {cfg['load_before']}, after {cfg['load_after']}.", "",
+                  "| op | median s | runs | ratio | vs explicit | peak RSS MB | extra MB |",
+                  "|---|---|---|---|---|---|---|"]
         for op, row in cfg["ops"].items():
             mem = row.get("memory", {})
-            lines.append(f"| {cfg['model']} | {cfg['batch']} | {op} | {row['median_s']:.2f} | {row['runs']} | "
-                         f"{row['ratio_to_forward_backward']:.2f} | {row['ratio_to_forward_backward_explicit']:.2f} | "
-                         f"{mem.get('peak_rss_mb', '')} | {mem.get('extra_mb', '')} |")
-    lines += ["", "Goal: single-probe HEART for all tokens and heads at <= 3x one forward+backward. "
+            lines.append(f"| {op} | {row['median_s']:.2f} | {row['runs']} | {row['ratio_to_forward_backward']:.2f} | "
+                         f"{row['ratio_to_forward_backward_explicit']:.2f} | {mem.get('peak_rss_mb', '–')} | "
+                         f"{mem.get('extra_mb', '–')} |")
+        lines.append("")
+    lines += ["Goal: single-probe HEART for all tokens and heads at <= 3x one forward+backward. "
               "`heart_global` is one HVP for every gate at once (cross-layer terms included); "
-              "`heart_per_layer` is the per-layer probe of METHOD §2 (2 x depth HVPs)."]
+              "`heart_per_layer` is the per-layer probe of METHOD §2 (2 x depth HVPs, each from its own block); "
+              "`heart_hutchinson_k8` is 8 HVPs sharing one forward/backward; `taylor` is the gate gradient only."]
     return "\n".join(lines) + "\n"
 
 
@@ -205,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ops", default=",".join(OPS))
     parser.add_argument("--configs", default=",".join(f"{m}:{b}" for m, b in CONFIGS))
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--fresh", action="store_true", help="start a new report instead of merging")
     parser.add_argument("--out", default=str(PROJECT_ROOT / "results" / "benchmarks" / "sensitivity_cpu.json"))
     parser.add_argument("--memory-child", nargs=3, metavar=("MODEL", "BATCH", "OP"))
     args = parser.parse_args(argv)
@@ -217,16 +222,20 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [o for o in ops if o not in OPS]
     if unknown or "forward_backward" not in ops:
         raise SystemExit(f"--ops: unknown {unknown}; allowed {OPS} (forward_backward is required)")
-    report = {"fingerprint": fingerprint(args.threads), "load_before": [round(x, 2) for x in os.getloadavg()],
-              "repeats": args.repeats, "configs": []}
+    out = Path(args.out)
+    # Configs are merged into an existing report, so models can be measured in separate runs (each
+    # config keeps the fingerprint and load of its own run).
+    report = results.read_json(out) if out.is_file() and not args.fresh else {"configs": []}
     for spec in args.configs.split(","):
         name, batch = spec.rsplit(":", 1)
         print(f"{name} batch {batch}", flush=True)
-        report["configs"].append(bench_config(name, int(batch), args.repeats, args.threads, ops, not args.no_memory))
-    report["load_after"] = [round(x, 2) for x in os.getloadavg()]
-    out = Path(args.out)
-    results.write_json(out, report)
-    results.write_text(out.with_suffix(".md"), markdown(report))
+        load_before = [round(x, 2) for x in os.getloadavg()]
+        cfg = bench_config(name, int(batch), args.repeats, args.threads, ops, not args.no_memory)
+        cfg.update(fingerprint=fingerprint(args.threads), load_before=load_before,
+                   load_after=[round(x, 2) for x in os.getloadavg()], repeats=args.repeats)
+        report["configs"] = [c for c in report["configs"] if (c["model"], c["batch"]) != (name, int(batch))] + [cfg]
+        results.write_json(out, report)
+        results.write_text(out.with_suffix(".md"), markdown(report))
     print(markdown(report))
 
 
