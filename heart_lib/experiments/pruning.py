@@ -157,7 +157,8 @@ class Context:
 @torch.no_grad()
 def _logits(model, images: torch.Tensor, batch: int, **kw) -> torch.Tensor:
     out = []
-    for start in range(0, len(images), batch):
+    total = len(images) if images is not None else len(kw["tokens"])
+    for start in range(0, total, batch):
         sl = slice(start, start + batch)
         extra = {k: (v[sl] if isinstance(v, torch.Tensor) else {l: s[sl] for l, s in v.items()} if isinstance(v, dict) else v)
                  for k, v in kw.items()}

@@ -292,5 +292,6 @@ def prune(model: nn.Module, config: PruningConfig | str, *, gate: TokenGateSet |
     pruned = copy.deepcopy(model)
     for layer, heads in config.heads:
         slice_heads(pruned.blocks[layer].attn, heads)
-    return PrunedViT(pruned.eval() if not model.training else pruned, config,
-                     gate=gate if config.selector == "gate" else None, oracle=oracle, keep_index=keep_index).train(model.training)
+    wrapper = PrunedViT(pruned, config, gate=gate if config.selector == "gate" else None, oracle=oracle,
+                        keep_index=keep_index)
+    return wrapper.train(model.training)
