@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from heart_lib import config
@@ -46,6 +47,12 @@ def _reproduce(args: argparse.Namespace) -> int:
     return 1 if any(c.status in {"different", "missing"} for c in comparisons) else 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    from heart_lib import finetune
+
+    return finetune.main(args)
+
+
 def _measure(args: argparse.Namespace) -> int:
     from heart_lib.measure import cli as measure_cli
 
@@ -79,6 +86,12 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("-j", "--jobs", type=int, default=1)
     rp.set_defaults(func=_reproduce)
 
+    from heart_lib import finetune
+
+    ft = sub.add_parser("finetune", help="fine-tune a (pruned) model; also under torchrun -m heart_lib.finetune")
+    finetune.add_arguments(ft)
+    ft.set_defaults(func=_finetune)
+
     try:
         from heart_lib.measure import cli as measure_cli
     except ImportError:
@@ -90,7 +103,13 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _terminate(signum, frame) -> None:
+    # SIGTERM (a killed job) unwinds like Ctrl-C, so atomic writes remove their temporary files.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
     args = parser().parse_args(argv)
     try:
         return args.func(args)
