@@ -299,3 +299,21 @@ def test_tome_schedule_never_empties_the_sequence():
         config = tome_config(r, 196, 12)
         plan = token_plan(config, 196, 12, 1)
         assert plan[-1][1] >= 2 and all(0 < k <= 1 for k in config.keep)
+
+
+def test_oracle_variants(vit, images):
+    def signed(model, imgs, layers):  # half the scores negative, like real HEART curvature
+        return {l: s * torch.where(torch.arange(s.shape[1]) % 2 == 0, 1.0, -1.0) for l, s in fake_oracle(model, imgs, layers).items()}
+
+    kept = {}
+    for variant in ("raw", "abs", "clamp"):
+        pruned = prune(vit, f"tokens=0.5@1;selector=heart;variant={variant}", oracle=signed, keep_index=True)
+        pruned(images)
+        kept[variant] = pruned.record.kept_index[1][:, 1:]
+    assert (kept["raw"] % 2 == 0).all()  # raw keeps the positive (even) positions
+    assert not torch.equal(kept["raw"].sort(1).values, kept["abs"].sort(1).values)
+    assert PruningConfig.parse("tokens=0.5@1;selector=heart;variant=abs").to_string().endswith("variant=abs")
+    with pytest.raises(ValueError, match="variant applies"):
+        PruningConfig.parse("tokens=0.5@1;selector=norm;variant=abs")
+    with pytest.raises(ValueError, match="allowed values"):
+        PruningConfig.parse("tokens=0.5@1;selector=heart;variant=square")

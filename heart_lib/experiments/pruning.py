@@ -356,6 +356,9 @@ def sweep_items(ctx: Context) -> list[Item]:
             items.append(Item("token", selector, label, reference.replace(selector=selector, gate="sweep-gate")
                               if selector == "gate" else reference.replace(selector=selector)))
         items.append(Item("token", p.oracle_method, label, reference.replace(selector=p.oracle_method), subset=True))
+        # HEART curvature is negative for about half the tokens: rank by |S| as well (METHOD.md §2 variants)
+        items.append(Item("token", f"{p.oracle_method} |S|", label,
+                          reference.replace(selector=p.oracle_method, variant="abs"), subset=True))
         for peer in p.peers:
             config = _match_keep(ctx, target, "evit") if peer == "evit" else _match_tome(ctx, target)
             items.append(Item("token", peer, label, config))
@@ -381,12 +384,13 @@ def budget_items(ctx: Context) -> tuple[list[Item], dict[str, dict[str, float]]]
         sched = schedule_for_budget(calib, ctx.shape, eps, layers=tuple(p.layers), selector=p.oracle_method)
         label = f"ε={eps:g}"
         predicted[label] = {**sched.predicted, "reduction": sched.reduction}
-        items.append(Item("budget", p.oracle_method, label, sched.config, subset=True))
+        items.append(Item("budget", f"{p.oracle_method} |S|", label, sched.config.replace(variant="abs"), subset=True))
         if "gate" in p.token_selectors:
             items.append(Item("budget", "gate", label, sched.config.replace(selector="gate", gate="sweep-gate")))
     for eps in p.per_input_budgets:
-        config = PruningConfig(layers=tuple(p.layers), keep=(0.1,), selector=p.oracle_method, per_input_budget=eps)
-        items.append(Item("per_input", p.oracle_method, f"ε={eps:g}", config, subset=True))
+        config = PruningConfig(layers=tuple(p.layers), keep=(0.1,), selector=p.oracle_method, per_input_budget=eps,
+                               variant="abs")
+        items.append(Item("per_input", f"{p.oracle_method} |S|", f"ε={eps:g}", config, subset=True))
     return items, predicted
 
 

@@ -23,6 +23,7 @@ Compact text form (the measurement harness's `--pruning`), `;`-separated `key=va
                                       | evit | tome
     heads=0:1,5:0  or  heads=0:1+2    layer:head pairs ('+' joins several heads of one layer)
     seed=0; probes=8; gate=path/to/gate.pt; budget=0.01; fuse=true
+    variant=abs                       oracle scores: raw S (default), abs |S|, clamp max(S, 0)
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ DROP_SELECTORS = ("heart", "heart_hutchinson", "heart_exact", "gate", "cls_atten
 PEER_METHODS = ("evit", "tome")
 SELECTORS = DROP_SELECTORS + PEER_METHODS
 ORACLE_SELECTORS = ("heart", "heart_hutchinson", "heart_exact")
+VARIANTS = ("raw", "abs", "clamp")
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class PruningConfig:
     gate: str | None = None  # path of a trained token gate (selector="gate")
     per_input_budget: float | None = None  # predicted-loss budget per input (batch size 1)
     fuse: bool = False  # drop selectors: fuse the dropped tokens into one (EViT's trick)
+    variant: str = "raw"  # oracle scores: raw S, abs |S| or clamp max(S, 0) (S can be negative)
 
     def __post_init__(self) -> None:
         # Normalise container types so equal configs compare and hash equal.
@@ -104,6 +107,11 @@ class PruningConfig:
                              "class-token attention of the preceding block (use evit, norm, random or heart)")
         if self.selector == "gate" and self.layers and not self.gate:
             raise ValueError("selector = 'gate' needs gate=<path of a trained token gate>")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant = {self.variant!r}: allowed values are {list(VARIANTS)}")
+        if self.variant != "raw" and self.selector not in ORACLE_SELECTORS:
+            raise ValueError(f"variant applies to the HEART oracle selectors {list(ORACLE_SELECTORS)}, "
+                             f"not to {self.selector!r}")
         if self.probes < 1:
             raise ValueError(f"probes = {self.probes}: must be a positive integer")
         if self.per_input_budget is not None:
@@ -163,7 +171,7 @@ class PruningConfig:
         if self.heads:
             items.append("heads=" + ",".join(f"{k}:{'+'.join(str(i) for i in v)}" for k, v in self.heads))
         defaults = PruningConfig()
-        for name in ("seed", "probes", "gate", "per_input_budget", "fuse"):
+        for name in ("seed", "probes", "gate", "per_input_budget", "fuse", "variant"):
             value = getattr(self, name)
             if value != getattr(defaults, name):
                 key = "budget" if name == "per_input_budget" else name
@@ -227,7 +235,7 @@ class PruningConfig:
 
 
 def _parse_value(key: str, value: str) -> Any:
-    if key in ("tokens", "heads", "selector", "gate"):
+    if key in ("tokens", "heads", "selector", "gate", "variant"):
         return value if key != "gate" or value.lower() not in ("none", "") else None
     if key in ("seed", "probes"):
         try:

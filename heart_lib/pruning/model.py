@@ -129,7 +129,13 @@ class PrunedViT(nn.Module):
         if selector == "gate":
             return self.gate(layer, state.x)
         if selector in ORACLE_SELECTORS:
-            return gather_scores(context["oracle"][layer], state.index)
+            scores = context["oracle"][layer]
+            # HEART curvature can be negative; the variant says how a negative value ranks.
+            if self.config.variant == "abs":
+                scores = scores.abs()
+            elif self.config.variant == "clamp":
+                scores = scores.clamp(min=0)
+            return gather_scores(scores, state.index)
         raise AssertionError(selector)
 
     def _reduces(self, layer: int, n_body: int) -> bool:
