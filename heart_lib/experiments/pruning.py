@@ -47,7 +47,7 @@ class Params:
     limit: int | None = None  # evaluation images (None = all)
     calib_dataset: str = "imagenet-sample-1000"  # scores for heads, budgets and the gate come from here
     calib_limit: int = 64
-    oracle_limit: int = 200  # evaluation images that also get the per-input HVP oracle
+    oracle_limit: int = 100  # evaluation images that also get the per-input HVP oracle
     batch_size: int = 64
     seed: int = 0
     num_classes: int | None = None
