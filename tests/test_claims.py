@@ -87,9 +87,18 @@ def test_missing_results_are_named_not_guessed(results, tmp_path):
 def test_c6_needs_a_jetson(results, tmp_path):
     devices = tmp_path / "devices" / "some-cpu"
     devices.mkdir(parents=True)
-    (devices / "s.meta.json").write_text(json.dumps({"device": {"cpu": "AMD EPYC"}}))
+    (devices / "s.meta.json").write_text(json.dumps({"fingerprint": {"cpu_model": "AMD EPYC", "l4t": None,
+                                                                      "jetson_model": None}}))
     row = claims.claim_c6(results, _params(tmp_path))
     assert row.verdict == "not testable here" and "1 other device" in row.ours
+    orin = tmp_path / "devices" / "orin"
+    orin.mkdir()
+    (orin / "s.meta.json").write_text(json.dumps({"fingerprint": {"device_name": "orin", "l4t": "36.4.0",
+                                                                   "jetson_model": "NVIDIA Jetson AGX Orin"}}))
+    (results / "edge").mkdir()
+    pd.DataFrame([{"device": "orin", "model": "vit", "batch": 1, "pruning": "tokens=0.6@3,6,9",
+                   "latency": "-30.0 %", "energy/img": "-25.0 %"}]).to_csv(results / "edge" / "comparison.csv", index=False)
+    assert claims.claim_c6(results, _params(tmp_path)).verdict == "reproduced"
 
 
 def test_bad_criteria_are_refused():

@@ -234,10 +234,10 @@ def claim_c6(folder: Path, params: Params) -> Row:
     root = _project_path(params.devices_root)
     sessions = sorted(root.rglob("*.meta.json")) if root.is_dir() else []
     jetsons = []
-    for meta in sessions:
-        text = meta.read_text().lower()
-        if "jetson" in text or "tegra" in text or "l4t" in text:
-            jetsons.append(meta.parent.name)
+    for meta in sessions:  # a Jetson's fingerprint names its model or its L4T release
+        device = json.loads(meta.read_text()).get("fingerprint", {})
+        if device.get("jetson_model") or device.get("l4t"):
+            jetsons.append(device.get("device_name", meta.parent.name))
     edge = folder / "edge" / "comparison.csv"
     if not jetsons:
         return Row("C6", statement, paper,
