@@ -8,6 +8,8 @@ of scoring every token at the input of every block plus every head:
   forward-over-reverse);
 - heart_per_layer: single probe per gate group (the METHOD §2 definition: one HVP per layer's
   tokens and per layer's heads, 2 x depth HVPs sharing one forward/backward);
+- heart_global_finite_difference: the same probe by central differences of the gate gradient (two
+  gradient passes, approximate: O(h²) with h = eps^(1/3));
 - heart_hutchinson_k8: Hutchinson with 8 probes over all gates (unbiased diagonal);
 - taylor: the gate gradient only (first-order scores).
 
@@ -46,10 +48,10 @@ from heart_lib.paths import PROJECT_ROOT
 
 CONFIGS = (("deit_tiny_patch16_224", 32), ("vit_base_patch16_224", 8))
 OPS = ("forward_backward", "forward_backward_explicit", "taylor", "heart_global", "heart_global_forward_over_reverse",
-       "heart_hutchinson_k8", "heart_per_layer")
+       "heart_global_finite_difference", "heart_hutchinson_k8", "heart_per_layer")
 SLOW_OPS = ("heart_per_layer", "heart_hutchinson_k8")  # timed once (2 x depth HVPs; 8 HVPs)
 WARMUP_OPS = ("forward_backward", "forward_backward_explicit", "taylor")  # allocator and lazy init
-NO_MEMORY_OPS = ("heart_per_layer", "heart_global_forward_over_reverse")  # skipped to save time
+NO_MEMORY_OPS = ("heart_per_layer", "heart_global_forward_over_reverse")  # (finite differences: measured)  # skipped to save time
 
 
 def setup(name: str, batch: int, seed: int = 0):
@@ -80,6 +82,8 @@ def op_fn(name: str, model, images):
         "heart_global": lambda: S.score_components(model, images, method="heart", scope="global", **score),
         "heart_global_forward_over_reverse": lambda: S.score_components(
             model, images, method="heart", scope="global", mode="forward_over_reverse", **score),
+        "heart_global_finite_difference": lambda: S.score_components(
+            model, images, method="heart", scope="global", mode="finite_difference", **score),
         "heart_hutchinson_k8": lambda: S.score_components(model, images, method="heart_hutchinson", probes=8,
                                                           **score),
         "heart_per_layer": lambda: S.score_components(model, images, method="heart", scope="layer", **score),
@@ -183,7 +187,8 @@ def markdown(report: dict) -> str:
              "averages; absolute times are inflated by other jobs, ratios less so.", ""]
     for cfg in report["configs"]:
         fp = cfg["fingerprint"]
-        lines += [f"## {cfg['model']}, batch {cfg['batch']}", "",
+        title = f"{cfg['model']}, batch {cfg['batch']}" + (f" ({cfg['label']})" if cfg.get("label") else "")
+        lines += [f"## {title}", "",
                   f"{fp['cpu_model']}, {fp['torch_threads']} torch threads ({fp['logical_cpus']} logical CPUs), "
                   f"torch {fp['torch']}, timm {fp['timm']}, {fp['date']}, commit {fp['git_commit']}; "
                   f"load average before {cfg['load_before']}, after {cfg['load_after']}.", "",
@@ -210,6 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--configs", default=",".join(f"{m}:{b}" for m, b in CONFIGS))
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--fresh", action="store_true", help="start a new report instead of merging")
+    parser.add_argument("--label", default="", help="names a run; a run replaces only the entry with its "
+                        "model, batch and label")
     parser.add_argument("--out", default=str(PROJECT_ROOT / "results" / "benchmarks" / "sensitivity_cpu.json"))
     parser.add_argument("--memory-child", nargs=3, metavar=("MODEL", "BATCH", "OP"))
     args = parser.parse_args(argv)
@@ -232,8 +239,10 @@ def main(argv: list[str] | None = None) -> None:
         load_before = [round(x, 2) for x in os.getloadavg()]
         cfg = bench_config(name, int(batch), args.repeats, args.threads, ops, not args.no_memory)
         cfg.update(fingerprint=fingerprint(args.threads), load_before=load_before,
-                   load_after=[round(x, 2) for x in os.getloadavg()], repeats=args.repeats)
-        report["configs"] = [c for c in report["configs"] if (c["model"], c["batch"]) != (name, int(batch))] + [cfg]
+                   load_after=[round(x, 2) for x in os.getloadavg()], repeats=args.repeats, label=args.label)
+        same = (name, int(batch), args.label)
+        report["configs"] = [c for c in report["configs"]
+                             if (c["model"], c["batch"], c.get("label", "")) != same] + [cfg]
         results.write_json(out, report)
         results.write_text(out.with_suffix(".md"), markdown(report))
     print(markdown(report))

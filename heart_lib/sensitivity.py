@@ -205,7 +205,7 @@ def _loss_fn(runner: BlockRunner, gates: GateSet, groups: list[tuple[str, int]],
         logits = runner.logits_from(start)
         per_image = per_image_loss(logits, loss, labels, logits.detach())
         if stash is not None:
-            stash.setdefault("loss", per_image.detach())
+            stash.setdefault("calls", []).append(per_image.detach())
         return per_image.sum()
     return fn
 
@@ -220,7 +220,8 @@ def gate_derivatives(model: nn.Module, images: torch.Tensor, *, token_layers: It
     curvature_estimator: None (gradient only), "single" (all-ones probe; per group with
     scope="layer", over all groups at once with scope="global"), "hutchinson" (`probes` Rademacher
     probes over all groups jointly), "exact" (one HVP per component and group, batched over images).
-    mode: "double_backward" or "forward_over_reverse" (see heart_lib.curvature).
+    mode: "double_backward", "forward_over_reverse" or "finite_difference" (approximate: two
+    gradient passes per probe instead of a double backward; see heart_lib.curvature).
     components: with "exact", optionally only these indices per group key (others NaN).
     """
     _check_images(images)
@@ -266,7 +267,7 @@ def gate_derivatives(model: nn.Module, images: torch.Tensor, *, token_layers: It
         out = GateDerivatives(loss=torch.empty(0), grad={}, estimator=curvature_estimator)
         for plan, start in zip(plans, starts):
             fn = _loss_fn(runner, gates, plan, loss, labels, start,
-                          stash if mode == "double_backward" or curvature_estimator is None else None)
+                          None if mode == "forward_over_reverse" and curvature_estimator is not None else stash)
             primals = tuple(ones(g) for g in plan)
             gates.clear()
             if curvature_estimator is None:
@@ -293,8 +294,14 @@ def gate_derivatives(model: nn.Module, images: torch.Tensor, *, token_layers: It
                 diag, _, grad = curvature.exact_diagonal(fn, primals, batch_dim=True, mode=mode, coordinates=coords)
                 out.grad.update(dict(zip(plan, grad)))
                 out.curvature.update(dict(zip(plan, diag)))
-            if "loss" in stash:
-                _report_non_finite(stash["loss"])
+            if stash.get("calls"):
+                # m = 1 exactly, except finite differences: the mean of its ±h evaluations (O(h²)).
+                calls = stash["calls"]
+                first = (calls[0] + calls[1]) / 2 if mode == "finite_difference" and curvature_estimator \
+                    and len(calls) > 1 else calls[0]
+                stash.setdefault("loss", first)
+                _report_non_finite(first)
+                stash["calls"] = []
         gates.clear()
         if "loss" in stash:
             out.loss = stash["loss"]

@@ -142,6 +142,18 @@ def test_unit_single_probe_is_hessian_row_sum(problem, mode):
         assert torch.allclose(got_joint, expected, atol=1e-11, rtol=1e-9), key
 
 
+def test_unit_finite_difference_mode_approximates_autograd_hessian(problem):
+    """The cheap mode (two gradient passes per probe) against the exact gate Hessian, fp64."""
+    single = scores(problem, "heart", scope="layer", mode="finite_difference")
+    exact = scores(problem, "heart_exact", mode="finite_difference")
+    second = scores(problem, "second_order", curvature="exact", mode="finite_difference")
+    for (key, s1), (_, ex), (_, so) in zip(each_key(single), each_key(exact), each_key(second)):
+        diag, grad = reference(problem, key, "diag"), reference(problem, key, "grad")
+        assert torch.allclose(s1, reference(problem, key, "group_rowsum"), atol=1e-7, rtol=1e-5), key
+        assert torch.allclose(ex, diag, atol=1e-7, rtol=1e-5), key
+        assert torch.allclose(so, -grad + 0.5 * diag, atol=1e-7, rtol=1e-5), key
+
+
 def test_unit_variants_of_curvature(problem):
     raw = scores(problem, "heart_exact")
     for variant, fn in (("abs", torch.abs), ("clamp", lambda t: t.clamp_min(0))):
