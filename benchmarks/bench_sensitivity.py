@@ -196,8 +196,9 @@ def markdown(report: dict) -> str:
                   "|---|---|---|---|---|---|---|"]
         for op, row in cfg["ops"].items():
             mem = row.get("memory", {})
+            explicit = row["ratio_to_forward_backward_explicit"]
             lines.append(f"| {op} | {row['median_s']:.2f} | {row['runs']} | {row['ratio_to_forward_backward']:.2f} | "
-                         f"{row['ratio_to_forward_backward_explicit']:.2f} | {mem.get('peak_rss_mb', '–')} | "
+                         f"{'–' if explicit is None else f'{explicit:.2f}'} | {mem.get('peak_rss_mb', '–')} | "
                          f"{mem.get('extra_mb', '–')} |")
         lines.append("")
     lines += ["Goal: single-probe HEART for all tokens and heads at <= 3x one forward+backward. "
