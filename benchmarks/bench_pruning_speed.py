@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -25,28 +24,20 @@ import heart_lib  # noqa: F401  (before timm)
 import timm
 
 from heart_lib.flops import count_flops, counted_flops, match_keep
+from heart_lib.measure.fingerprint import fingerprint
 from heart_lib.paths import RESULTS_DIR
 from heart_lib.pruning import prune
 from heart_lib.results import run_metadata, write_json, write_text
 
 MODELS = ("vit_base_patch16_224", "deit_base_patch16_224")
 TARGETS = (0.25, 0.40, 0.50)
+JOINT_TARGETS = (0.50,)  # heads + tokens, to see that sliced heads pay off too
 LAYERS = (3, 6, 9)
 
 
-def fingerprint(threads: int) -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": threads, "platform": platform.platform(),
-            "torch_parallel": torch.__config__.parallel_info().splitlines()[:6],
-            "mkldnn": torch.backends.mkldnn.is_available(), "load_average_start": os.getloadavg(),
-            "cuda": torch.cuda.is_available(), **run_metadata()}
+def machine_info(threads: int) -> dict:
+    """The measurement harness's device fingerprint, plus this run's load and provenance."""
+    return {**fingerprint("cpu", "fp32", threads), "load_average_start": os.getloadavg(), **run_metadata()}
 
 
 def joint_config(model, target: float):
@@ -66,6 +57,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     started = time.time()
+    info = machine_info(args.threads)
 
     rows = []
     for name in args.models:
@@ -73,7 +65,7 @@ def main() -> None:
         variants = [("unpruned", "dense", None)]
         for t in TARGETS:
             variants.append((f"tokens -{int(100 * t)} %", "tokens", match_keep(base, t, LAYERS)))
-        for t in TARGETS:
+        for t in JOINT_TARGETS:
             variants.append((f"joint -{int(100 * t)} %", "joint", joint_config(base, t)))
         built = []
         dense_flops = count_flops(base)
@@ -108,11 +100,10 @@ def main() -> None:
                 print(f"{name:24s} bs{batch:<3d} {b['label']:14s} FLOPs -{100 * b['flops_reduction']:5.1f} %  "
                       f"{1000 * t:9.1f} ms  latency -{100 * reduction:5.1f} %  throughput +{100 * (dense_t / t - 1):5.1f} %",
                       flush=True)
-    info = fingerprint(args.threads)
     info["load_average_end"] = os.getloadavg()
     info["wall_seconds"] = time.time() - started
     out = Path(args.out)
-    write_json(out, {"device": info, "rows": rows, "layers": LAYERS, "targets": TARGETS,
+    write_json(out, {"device": info, "rows": rows, "layers": LAYERS, "targets": TARGETS, "joint_targets": JOINT_TARGETS,
                      "selector": "cls_attention", "command": "flock /tmp/heart-bench.lock .venv/bin/python "
                      "benchmarks/bench_pruning_speed.py"})
     write_text(out.with_suffix(".md"), _markdown(rows, info))
@@ -126,7 +117,7 @@ def _iqr(values: list[float]) -> float:
 def _markdown(rows: list[dict], info: dict) -> str:
     lines = [
         "# Pruning speed on CPU", "",
-        f"Device: {info['cpu']}, {info['logical_cpus']} logical CPUs, torch threads = {info['torch_threads']}, "
+        f"Device: {info['cpu_model']}, {info['cpu_logical']} logical CPUs, torch threads = {info['threads']}, "
         f"torch {info['torch']}, timm {info['timm']}; load average at start {tuple(round(v, 2) for v in info['load_average_start'])}, "
         f"at end {tuple(round(v, 2) for v in info['load_average_end'])}. Random weights, 224 px, fused attention (SDPA) on.",
         "Token pruning: class-token-attention selector at layers 3/6/9; joint: head 0 of every odd layer sliced out plus tokens.",

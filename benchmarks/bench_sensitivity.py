@@ -6,7 +6,7 @@ of scoring every token at the input of every block plus every head:
 
 - heart_global: single-probe HEART curvature, one HVP over all gates (double backward, and
   forward-over-reverse);
-- heart_per_layer: single probe per gate group (the METHOD §2 definition: one HVP per layer's
+- heart_per_layer: single probe per gate group (the book/method.md, 'Components, gates and the sensitivity score' definition: one HVP per layer's
   tokens and per layer's heads, 2 x depth HVPs sharing one forward/backward);
 - heart_global_finite_difference: the same probe by central differences of the gate gradient (two
   gradient passes, approximate: O(h²) with h = eps^(1/3));
@@ -29,7 +29,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -44,6 +43,7 @@ import torch
 from heart_lib import results
 from heart_lib import sensitivity as S
 from heart_lib._compat import non_fused_attention
+from heart_lib.measure.fingerprint import fingerprint
 from heart_lib.paths import PROJECT_ROOT
 
 CONFIGS = (("deit_tiny_patch16_224", 32), ("vit_base_patch16_224", 8))
@@ -126,23 +126,14 @@ def measure_memory(name: str, batch: int, op: str, threads: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def fingerprint(threads: int) -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+def machine_info(threads: int) -> dict:
+    """The measurement harness's device fingerprint, plus the commit and time of this run."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=PROJECT_ROOT).stdout.strip()
     except OSError:
         commit = "unknown"
-    return {"cpu_model": cpu, "logical_cpus": os.cpu_count(), "torch_threads": threads,
-            "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "git_commit": commit,
+    return {**fingerprint("cpu", "fp32", threads), "git_commit": commit,
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -189,7 +180,7 @@ def markdown(report: dict) -> str:
         fp = cfg["fingerprint"]
         title = f"{cfg['model']}, batch {cfg['batch']}" + (f" ({cfg['label']})" if cfg.get("label") else "")
         lines += [f"## {title}", "",
-                  f"{fp['cpu_model']}, {fp['torch_threads']} torch threads ({fp['logical_cpus']} logical CPUs), "
+                  f"{fp['cpu_model']}, {fp['threads']} torch threads ({fp['cpu_logical']} logical CPUs), "
                   f"torch {fp['torch']}, timm {fp['timm']}, {fp['date']}, commit {fp['git_commit']}; "
                   f"load average before {cfg['load_before']}, after {cfg['load_after']}.", "",
                   "| op | median s | runs | ratio | vs explicit | peak RSS MB | extra MB |",
@@ -203,7 +194,7 @@ def markdown(report: dict) -> str:
         lines.append("")
     lines += ["Goal: single-probe HEART for all tokens and heads at <= 3x one forward+backward. "
               "`heart_global` is one HVP for every gate at once (cross-layer terms included); "
-              "`heart_per_layer` is the per-layer probe of METHOD §2 (2 x depth HVPs, each from its own block); "
+              "`heart_per_layer` is the per-layer probe of book/method.md, 'Components, gates and the sensitivity score' (2 x depth HVPs, each from its own block); "
               "`heart_hutchinson_k8` is 8 HVPs sharing one forward/backward; `taylor` is the gate gradient only."]
     return "\n".join(lines) + "\n"
 
@@ -239,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name} batch {batch}", flush=True)
         load_before = [round(x, 2) for x in os.getloadavg()]
         cfg = bench_config(name, int(batch), args.repeats, args.threads, ops, not args.no_memory)
-        cfg.update(fingerprint=fingerprint(args.threads), load_before=load_before,
+        cfg.update(fingerprint=machine_info(args.threads), load_before=load_before,
                    load_after=[round(x, 2) for x in os.getloadavg()], repeats=args.repeats, label=args.label)
         same = (name, int(batch), args.label)
         report["configs"] = [c for c in report["configs"]

@@ -1,4 +1,4 @@
-"""Loss budget -> pruning schedule: per-layer token keep ratios and a head set (METHOD.md §3).
+"""Loss budget -> pruning schedule: per-layer token keep ratios and a head set (book/method.md, 'From scores to a pruned model').
 
 Predicted loss increase (HEART: gradient term dropped, curvature clamped at 0):
     removing token c at layer l:  ½·max(S_c, 0)  (per image, from HEART scores at l's input)

@@ -161,13 +161,13 @@ class ImageListDataset(Dataset):
         return [s.label for s in self.samples]
 
 
-class SyntheticImages(Dataset):
-    """Seeded random images and labels, already tensors at the model's input size (for smoke runs)."""
+class TensorImages(Dataset):
+    """Images already decoded and transformed, held as one tensor (sets read many times)."""
 
-    def __init__(self, count: int, image_size: int, num_classes: int, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.images = torch.randn(count, 3, image_size, image_size, generator=g)
-        self.targets = torch.randint(0, num_classes, (count,), generator=g)
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.targets = images, labels
 
     def __len__(self) -> int:
         return len(self.images)
@@ -178,6 +178,15 @@ class SyntheticImages(Dataset):
     @property
     def labels(self) -> list[int]:
         return self.targets.tolist()
+
+
+class SyntheticImages(TensorImages):
+    """Seeded random images and labels, already tensors at the model's input size (for smoke runs)."""
+
+    def __init__(self, count: int, image_size: int, num_classes: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        images = torch.randn(count, 3, image_size, image_size, generator=g)
+        super().__init__(images, torch.randint(0, num_classes, (count,), generator=g))
 
 
 def image_folder_with_csv(name: str, path: str | os.PathLike | None = None) -> tuple[Path, list[Sample]]:

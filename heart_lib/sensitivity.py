@@ -1,4 +1,4 @@
-"""Sensitivity scores of tokens and heads (METHOD.md §2) and their leave-one-out ground truth.
+"""Sensitivity scores of tokens and heads (book/method.md, 'Components, gates and the sensitivity score') and their leave-one-out ground truth.
 
 Every derivative-based score is read off multiplicative gates `m` (all ones) placed on timm's own
 modules (`heart_lib.gates`): with `L(m) = Σ_b ℓ_b(m)`,
@@ -13,7 +13,7 @@ Methods (higher score = more important = keep):
 
 | method | score |
 |---|---|
-| heart | single probe: `(H_m 1)_c` with the all-ones probe per gate group (`scope="layer"`, METHOD §2) or over all groups at once (`scope="global"`, one HVP); includes cross-component terms |
+| heart | single probe: `(H_m 1)_c` with the all-ones probe per gate group (`scope="layer"`, book/method.md, 'Components, gates and the sensitivity score') or over all groups at once (`scope="global"`, one HVP); includes cross-component terms |
 | heart_hutchinson | Hutchinson over components, K Rademacher probes: unbiased `H_cc` |
 | heart_exact | one HVP per component (batched over images): exact `H_cc` |
 | second_order | `-g_c + ½ H_cc` (predicted loss change of removing c); `H_cc` from `curvature=` |

@@ -29,3 +29,12 @@ def tiny_vit():
 
     return create_model("vit_tiny_patch16_224", weights="none", img_size=32, patch_size=8, depth=2,
                         num_classes=10)
+
+
+@pytest.fixture
+def one_thread():
+    """Many tiny ops: one thread is much faster than two on a machine shared with other jobs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -59,7 +59,7 @@ def test_c2_and_c3_from_the_sweep(results, tmp_path):
 def test_c4_reads_the_speed_benchmark(results, tmp_path):
     rows = [{"model": "vit", "batch": b, "kind": "joint", "flops_reduction": 0.49, "latency_reduction": lat,
              "throughput_gain": gain} for b, lat, gain in ((1, 0.40, 0.66), (32, 0.45, 0.80))]
-    (tmp_path / "bench.json").write_text(json.dumps({"rows": rows, "device": {"cpu": "x", "torch_threads": 2}}))
+    (tmp_path / "bench.json").write_text(json.dumps({"rows": rows, "device": {"cpu_model": "x", "threads": 2}}))
     assert claims.claim_c4(results, _params(tmp_path)).verdict == "reproduced"
     rows[1]["latency_reduction"], rows[1]["throughput_gain"] = 0.2, 0.25
     (tmp_path / "bench.json").write_text(json.dumps({"rows": rows, "device": {}}))
@@ -106,3 +106,15 @@ def test_bad_criteria_are_refused():
 
     with pytest.raises(config.ConfigError, match="max_top1_drop"):
         config.validate("claims", {"max_top1_drop": 2})
+
+
+def test_claims_markdown_keeps_every_claim_and_escapes_cells(results, tmp_path):
+    table = claims.claims_table("p", _params(tmp_path))
+    table.loc[0, "ours"] = "a | b\nc"
+    text = claims.claims_markdown(table)
+    overview = [line for line in text.splitlines() if line.startswith("| C")]
+    assert [line.split("|")[1].strip() for line in overview] == list(table["claim"])
+    assert all(line.count(" | ") == 3 for line in overview)  # four cells each, none broken by the text
+    assert "| ours | a \\| b c |" in text
+    for claim, verdict in zip(table["claim"], table["verdict"]):
+        assert f"**{claim}: " in text and f"**{verdict}**" in text

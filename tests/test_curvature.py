@@ -10,12 +10,7 @@ from heart_lib import curvature as C
 from heart_lib._compat import non_fused_attention
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def quadratic_problem(seed: int = 0, batch: int = 3, dim: int = 6):

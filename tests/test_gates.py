@@ -12,13 +12,7 @@ from torch import nn
 from heart_lib import gates as G
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Many tiny ops: one thread is much faster than two on a machine shared with other jobs.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_vit(seed: int = 0, **kw) -> nn.Module:

@@ -19,12 +19,7 @@ TOKEN_LAYERS = (0, 2)
 B, N, HEADS, DEPTH = 2, 17, 2, 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(dtype=torch.float64, seed: int = 0) -> nn.Module:
@@ -124,7 +119,7 @@ def test_unit_exact_and_gradient_scores_match_autograd_hessian(problem, mode):
         assert torch.allclose(t, grad.abs(), atol=1e-12, rtol=1e-9), key
         assert torch.allclose(f, grad.square(), atol=1e-12, rtol=1e-9), key
         assert torch.allclose(so, -grad + 0.5 * diag, atol=1e-11, rtol=1e-9), key
-    # The curvature is not PSD: the tiny model has negative diagonal entries (METHOD §2).
+    # The curvature is not PSD: the tiny model has negative diagonal entries (book/method.md, 'Components, gates and the sensitivity score').
     assert min(float(v.min()) for _, v in each_key(exact)) < 0
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 
 from heart_lib import data, models, results
+from heart_lib.experiments.common import model_and_dataset
 
 # Published ImageNet-1k validation top-1 (%, 50,000 images) of the models the profiles use, to set
 # our sample's accuracy beside. DeiT: Touvron et al. 2021, Table 1; ViT-B/16 as distributed by timm
@@ -40,13 +41,7 @@ class Params:
 
 def build(params: Params):
     """The model and the evaluation dataset the parameters describe."""
-    model = models.create_model(params.model, params.weights, params.num_classes, seed=params.seed,
-                                **params.model_kwargs)
-    image_size = model.patch_embed.img_size[0] if hasattr(model, "patch_embed") else 224
-    dataset = data.image_dataset(params.dataset, data.model_transform(model), limit=params.limit,
-                                 seed=params.seed, path=params.data_path, image_size=image_size,
-                                 num_classes=model.num_classes)
-    return model, dataset
+    return model_and_dataset(params)
 
 
 def run(params: Params, out: Path) -> tuple[pd.DataFrame, dict[str, float]]:

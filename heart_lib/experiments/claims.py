@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -192,7 +192,7 @@ def claim_c4(folder: Path, params: Params) -> Row:
                      f"throughput +{_pct(r['throughput_gain'])}")
         met.append(r["latency_reduction"] >= 0.36 and r["throughput_gain"] >= 0.46)
     device = bench.get("device", {})
-    setting = f"CPU ({device.get('cpu', 'unknown')}, {device.get('torch_threads', '?')} threads), random weights, 224 px"
+    setting = f"CPU ({device.get('cpu_model', 'unknown')}, {device.get('threads', '?')} threads), random weights, 224 px"
     verdict = "reproduced" if all(met) else "not reproduced" if not any(met) else "inconclusive"
     return Row("C4", statement, paper, "; ".join(parts), setting,
                "latency −36 % or better and throughput +46 % or better at ≈ 49 % fewer FLOPs, every model and batch",
@@ -270,9 +270,25 @@ def verdict_counts(table: pd.DataFrame) -> dict[str, int]:
     return {v: int(n) for v, n in table["verdict"].value_counts().items()}
 
 
-def display_table(table: pd.DataFrame) -> pd.DataFrame:
-    """The columns a reader needs, indexed by claim."""
-    return table.set_index("claim")[["statement", "paper", "ours", "setting", "verdict"]]
+def _cell(text: Any) -> str:
+    """Text safe inside a Markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def claims_markdown(table: pd.DataFrame) -> str:
+    """The claims for reading: an overview (claim, verdict, chapter), then one block per claim with
+    the paper's figure, ours and the setting in full (a single wide table squeezes the statements)."""
+    lines = ["| claim | statement | verdict | chapter |", "|---|---|---|---|"]
+    for row in table.itertuples():
+        lines.append(f"| {row.claim} | {_cell(row.statement)} | **{row.verdict}** | "
+                     f"[{row.chapter}]({row.chapter}.ipynb) |")
+    for row in table.itertuples():
+        lines += ["", f"**{row.claim}: {row.statement}**", "",
+                  "| | |", "|---|---|",
+                  f"| paper | {_cell(row.paper)} |", f"| ours | {_cell(row.ours)} |",
+                  f"| setting | {_cell(row.setting)} |", f"| criterion | {_cell(row.criterion)} |",
+                  f"| verdict | **{row.verdict}** |"]
+    return "\n".join(lines) + "\n"
 
 
 def verdict_colours(verdicts: pd.Series) -> np.ndarray:

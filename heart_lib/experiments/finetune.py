@@ -1,4 +1,4 @@
-"""Fine-tuning chapter: does training recover the accuracy that pruning costs? (METHOD.md §4, claim C5)
+"""Fine-tuning chapter: does training recover the accuracy that pruning costs? (book/method.md, 'Fine-tuning and edge measurements', claim C5)
 
 Two experiments, each comparing three models trained with the same recipe on the same data in the
 same order: the unpruned model, the token-pruned model ("40 % token pruning") and a joint

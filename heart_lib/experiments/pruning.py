@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from heart_lib.progress import progress
 
 from heart_lib import data, models, results
 from heart_lib.budget import Calibration, predicted_loss, schedule_for_budget
@@ -120,7 +120,7 @@ def _load(name: str, model, params: Params, limit: int | None, seed: int) -> tup
     dataset = data.image_dataset(name, data.model_transform(model), limit=limit, seed=seed, path=params.data_path,
                                  image_size=image_size, num_classes=model.num_classes)
     images, labels = [], []
-    for x, y in tqdm(data.make_loader(dataset, params.batch_size), desc=f"load {name}", leave=False):
+    for x, y in progress(data.make_loader(dataset, params.batch_size), f"load {name}"):
         images.append(x)
         labels.append(torch.as_tensor(y))
     return torch.cat(images), torch.cat(labels)
@@ -171,7 +171,7 @@ def _scores_in_batches(model, images, labels, params: Params, layers, heads: boo
 
     tokens: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
     head_parts = []
-    for start in tqdm(range(0, len(images), chunk), desc=f"{method} scores", leave=False):
+    for start in progress(range(0, len(images), chunk), f"{method} scores"):
         s = sensitivity.score_components(model, images[start:start + chunk], layers=tuple(layers) if layers else (),
                                          heads=heads, method=method, loss="pseudo", probes=params.probes,
                                          seed=params.seed + start)
@@ -356,7 +356,7 @@ def sweep_items(ctx: Context) -> list[Item]:
             items.append(Item("token", selector, label, reference.replace(selector=selector, gate="sweep-gate")
                               if selector == "gate" else reference.replace(selector=selector)))
         items.append(Item("token", p.oracle_method, label, reference.replace(selector=p.oracle_method), subset=True))
-        # HEART curvature is negative for about half the tokens: rank by |S| as well (METHOD.md §2 variants)
+        # HEART curvature is negative for about half the tokens: rank by |S| as well (book/method.md, 'Components, gates and the sensitivity score' variants)
         items.append(Item("token", f"{p.oracle_method} |S|", label,
                           reference.replace(selector=p.oracle_method, variant="abs"), subset=True))
         for peer in p.peers:
@@ -481,7 +481,7 @@ def run(params: Params, out: Path) -> dict[str, pd.DataFrame]:
     b_items, predicted = budget_items(ctx)
     rows, per_image = [], {}
     folder = _cache_folder(params)
-    for item in tqdm(items + b_items, desc="sweep", leave=False):
+    for item in progress(items + b_items, "sweep"):
         name = hashlib.sha256(f"{item.family}|{item.method}|{item.level}|{item.config}|{item.subset}".encode()
                               ).hexdigest()[:16]
         path = folder / f"item-{name}.pt"

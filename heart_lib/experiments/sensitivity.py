@@ -1,6 +1,6 @@
 """Sensitivity chapter: how well does each score rank tokens and heads by their real loss change?
 
-For each image, every score of METHOD §2 is computed for the tokens entering the chosen blocks and
+For each image, every score of book/method.md, 'Components, gates and the sensitivity score' is computed for the tokens entering the chosen blocks and
 for every head, together with the leave-one-out ground truth ΔL (the measured loss change when
 that one component is removed). The direct test of claim C1 is the rank correlation (Spearman and
 Kendall) between each score and ΔL:
@@ -27,11 +27,12 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy import stats as st
-from tqdm.auto import tqdm
 
 from heart_lib import data, models, results
 from heart_lib import sensitivity as S
+from heart_lib.experiments.common import model_and_dataset
 from heart_lib.gates import vit_info
+from heart_lib.progress import progress as progress_bar
 
 SCORES_VERSION = 1  # bump when the meaning of the stored raw scores changes (invalidates reuse)
 CURVATURE_SCORES = ("heart", "heart_global", "heart_hutchinson", "heart_exact")
@@ -122,12 +123,7 @@ class RawScores:
 
 
 def build(params: Params):
-    model = models.create_model(params.model, params.weights, params.num_classes, seed=params.seed,
-                                **params.model_kwargs)
-    image_size = model.patch_embed.img_size[0] if hasattr(model, "patch_embed") else 224
-    dataset = data.image_dataset(params.dataset, data.model_transform(model), limit=params.limit,
-                                 seed=params.seed, path=params.data_path, image_size=image_size,
-                                 num_classes=model.num_classes)
+    model, dataset = model_and_dataset(params)
     for p in model.parameters():  # gates are the only inputs we differentiate
         p.requires_grad_(False)
     return model, dataset
@@ -236,7 +232,7 @@ def compute_raw(params: Params, progress: bool = True) -> RawScores:
     parts: list[tuple] = []
     labels_all, preds_all, loss_all = [], [], []
     seconds: dict[str, float] = {}
-    for images, labels in tqdm(loader, desc="sensitivity: scores + leave-one-out", disable=not progress):
+    for images, labels in (progress_bar(loader, "sensitivity: scores + leave-one-out") if progress else loader):
         labels = torch.as_tensor(labels)
         tok, hd, loo_t, loo_h, deriv = _batch_scores(model, images, labels, params, seconds)
         parts.append((tok, hd, loo_t, loo_h))
@@ -264,7 +260,7 @@ def compute_exact(params: Params, raw: RawScores | None = None, progress: bool =
     seconds: dict[str, float] = {}
     parts = []
     first = 0
-    for images, labels in tqdm(loader, desc="sensitivity: exact diagonal", disable=not progress):
+    for images, labels in (progress_bar(loader, "sensitivity: exact diagonal") if progress else loader):
         tokens = None
         if raw is not None and params.loo_tokens is not None:
             rows = slice(first, first + len(images))

@@ -1,4 +1,4 @@
-"""Fine-tuning recovery of pruned ViTs (METHOD.md §4): AdamW + cosine warm-up, label smoothing,
+"""Fine-tuning recovery of pruned ViTs (book/method.md, 'Fine-tuning and edge measurements'): AdamW + cosine warm-up, label smoothing,
 optional distillation from the unpruned model, dynamic token selection during training, AMP on GPU,
 exact checkpoint/resume, and multi-process / multi-machine training through `torchrun` (DDP).
 
@@ -10,7 +10,8 @@ Command line: `python -m heart_lib.finetune --help` (or `torchrun ... -m heart_l
 
 from heart_lib.finetune.checkpoint import CheckpointMismatch
 from heart_lib.finetune.cli import add_arguments, main
-from heart_lib.finetune.inputs import (SeededAugment, TensorImages, image_transform, materialize,
+from heart_lib.data import TensorImages
+from heart_lib.finetune.inputs import (SeededAugment, image_transform, materialize,
                                        model_at_resolution)
 from heart_lib.finetune.loop import TIME_COLUMNS, NonFiniteLossError, TrainResult, amp_dtype, train
 from heart_lib.finetune.recipe import TrainConfig, distillation_loss, lr_factor, training_loss

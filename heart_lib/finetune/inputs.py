@@ -117,30 +117,11 @@ class SeededAugment(Dataset):
         return out, label
 
 
-class TensorImages(Dataset):
-    """Images already decoded and transformed, held as one tensor (evaluation sets, read many times)."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
-        if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        self.images, self.targets = images, labels
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int):
-        return self.images[index], int(self.targets[index])
-
-    @property
-    def labels(self) -> list[int]:
-        return self.targets.tolist()
-
-
-def materialize(dataset: Dataset, batch_size: int = 256) -> TensorImages:
+def materialize(dataset: Dataset, batch_size: int = 256) -> hdata.TensorImages:
     """Decode and transform every image once (deterministic transforms only)."""
     loader = hdata.make_loader(dataset, batch_size)
     images, labels = [], []
     for x, y in loader:
         images.append(x)
         labels.append(torch.as_tensor(y))
-    return TensorImages(torch.cat(images), torch.cat(labels))
+    return hdata.TensorImages(torch.cat(images), torch.cat(labels))

@@ -1,6 +1,6 @@
 """The fine-tuning recipe: its parameters, the learning-rate schedule and the loss (pure functions).
 
-METHOD.md §4: AdamW, cosine schedule with linear warm-up, weight decay, label smoothing and
+book/method.md, 'Fine-tuning and edge measurements': AdamW, cosine schedule with linear warm-up, weight decay, label smoothing and
 optional distillation from the unpruned model. The paper gives only "100 epochs"; every other
 choice is a parameter here.
 """

@@ -10,7 +10,7 @@ The sampler polls a source every `interval_s` on a thread and timestamps each re
 `time.perf_counter`, the same clock the benchmark uses, so windows line up without conversion.
 Energy over a window is the trapezoidal integral of power (power sources) or the difference of the
 linearly interpolated counter (energy sources). When no source is usable the result says so, with
-the reason, and carries no number: energy is never estimated silently (METHOD.md §5).
+the reason, and carries no number: energy is never estimated silently (book/method.md, 'Fine-tuning and edge measurements').
 """
 
 from __future__ import annotations

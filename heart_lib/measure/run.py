@@ -1,4 +1,4 @@
-"""One measurement run, and a session of runs each in a fresh process (METHOD.md §5).
+"""One measurement run, and a session of runs each in a fresh process (book/method.md, 'Fine-tuning and edge measurements').
 
 A *configuration* is (model, pruning, batch size); each is measured `repeats` times, every run in
 a new Python process so no allocator state, thread pool or cache carries over between runs. A

@@ -1,6 +1,6 @@
 """What to prune: a frozen, validated description of a token schedule, a selector and a head set.
 
-Conventions (chosen here because the paper is silent; see METHOD.md §3):
+Conventions (chosen here because the paper is silent; see book/method.md, 'From scores to a pruned model'):
 
 - `layers` are 0-based block indices. For the *drop* selectors (heart, gate, cls_attention, norm,
   random) tokens are removed at the **input** of each listed block, so that block and every later
