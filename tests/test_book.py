@@ -50,6 +50,18 @@ def test_every_smoke_notebook_executes(smoke_book):
     assert all(o.status == "executed" for o in outcomes)
 
 
+def test_executed_notebooks_print_no_warnings(smoke_book):
+    """Executed notebooks are book pages: a warning or traceback on stderr would be shown to readers."""
+    import nbformat
+
+    outcomes, _ = smoke_book
+    for outcome in outcomes:
+        nb = nbformat.read(outcome.path, as_version=4)
+        for index, cell in enumerate(nb.cells):
+            for output in cell.get("outputs", []):
+                assert output.get("name") != "stderr", f"{outcome.notebook} cell {index}: {output.get('text', '')[:300]}"
+
+
 def test_every_chapter_page_exists(smoke_book):
     _, html = smoke_book
     for page in ("index.html", "intro.html", "method.html", "rerun.html", "course.html", "references.html"):

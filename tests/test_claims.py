@@ -34,7 +34,10 @@ def _correlations(folder, heart, other):
                                                    (0.5, 0.47, "inconclusive")])
 def test_c1_verdict_follows_the_intervals(results, tmp_path, heart, other, verdict):
     _correlations(results, heart, other)
-    assert claims.claim_c1(results, _params(tmp_path)).verdict == verdict
+    row = claims.claim_c1(results, _params(tmp_path))
+    assert row.verdict == verdict
+    relation = {"reproduced": "above", "not reproduced": "below", "inconclusive": "overlapping"}[verdict]
+    assert f"HEART's curvature-only score: ρ = {heart:.2f}" in row.ours and f"{relation} the best other's" in row.ours
 
 
 def _sweep(folder, rows):

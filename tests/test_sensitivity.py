@@ -326,6 +326,8 @@ def test_unit_gate_eigenpair_matches_dense_hessian(problem):
 
 
 def test_unit_rowwise_rank_correlations_match_scipy():
+    import warnings
+
     import numpy as np
     from scipy import stats as st
 
@@ -342,3 +344,7 @@ def test_unit_rowwise_rank_correlations_match_scipy():
                     for x, y in zip(a, b)]
         assert np.allclose(ours(a, b), expected, atol=1e-12)
     assert np.isnan(rowwise_spearman(np.ones((1, 5)), np.arange(5.0)[None]))[0]
+    empty = np.full((1, 5), np.nan)  # a row with no valid column: NaN, silently (no RuntimeWarning)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isnan(rowwise_spearman(empty, np.arange(5.0)[None]))[0]

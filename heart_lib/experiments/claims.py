@@ -87,6 +87,23 @@ def _best_by_family(table: pd.DataFrame, component_prefix: str) -> tuple[pd.Seri
     return heart.loc[heart["spearman"].idxmax()], other.loc[other["spearman"].idxmax()]
 
 
+def _curvature_only(table: pd.DataFrame, component_prefix: str, other: pd.Series) -> str:
+    """HEART's own score (curvature term only, single probe, raw), beside the best other score: the
+    best second-order score may be the full -g + S/2, which HEART does not use."""
+    rows = table[table["component"].str.startswith(component_prefix) & (table["score"] == "heart")]
+    if "variant" in rows:
+        rows = rows[rows["variant"] == "raw"]
+    if "aggregation" in rows:
+        rows = rows[rows["aggregation"].str.contains("per image", na=False)]
+    if rows.empty:
+        return ""
+    row = rows.iloc[0]
+    relation = ("above" if row["spearman_lo"] > other["spearman_hi"] else
+                "below" if row["spearman_hi"] < other["spearman_lo"] else "overlapping")
+    return (f" (HEART's curvature-only score: ρ = {row['spearman']:.2f} [{row['spearman_lo']:.2f}, "
+            f"{row['spearman_hi']:.2f}], {relation} the best other's interval)")
+
+
 def claim_c1(folder: Path, params: Params) -> Row:
     statement = "Second-order (curvature) sensitivities rank tokens and heads better than first-order or heuristic ones"
     paper, chapter = "qualitative (ViT-B/16, DeiT-B/16)", "sensitivity"
@@ -102,7 +119,8 @@ def claim_c1(folder: Path, params: Params) -> Row:
         heart, other = best
         parts.append(f"{label}: best second-order {heart['score']} ({heart['variant']}) ρ = {heart['spearman']:.2f} "
                      f"[{heart['spearman_lo']:.2f}, {heart['spearman_hi']:.2f}] vs best other {other['score']} "
-                     f"({other['variant']}) ρ = {other['spearman']:.2f} [{other['spearman_lo']:.2f}, {other['spearman_hi']:.2f}]")
+                     f"({other['variant']}) ρ = {other['spearman']:.2f} [{other['spearman_lo']:.2f}, {other['spearman_hi']:.2f}]"
+                     + _curvature_only(table, prefix, other))
         if heart["spearman_lo"] > other["spearman_hi"]:
             outcomes.append("better")
         elif other["spearman_lo"] > heart["spearman_hi"]:

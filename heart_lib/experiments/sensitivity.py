@@ -380,11 +380,12 @@ def rowwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a, b = np.atleast_2d(np.asarray(a, float)), np.atleast_2d(np.asarray(b, float))
     valid = _valid(a, b)
     ra, rb = _ranks(a, valid), _ranks(b, valid)
-    ra -= np.nanmean(ra, 1, keepdims=True)
-    rb -= np.nanmean(rb, 1, keepdims=True)
-    num = np.nansum(ra * rb, 1)
-    den = np.sqrt(np.nansum(ra ** 2, 1) * np.nansum(rb ** 2, 1))
+    count = valid.sum(1, keepdims=True)  # rows without any valid column (e.g. no exact scores) give NaN
     with np.errstate(invalid="ignore", divide="ignore"):
+        ra -= np.nansum(ra, 1, keepdims=True) / count
+        rb -= np.nansum(rb, 1, keepdims=True) / count
+        num = np.nansum(ra * rb, 1)
+        den = np.sqrt(np.nansum(ra ** 2, 1) * np.nansum(rb ** 2, 1))
         out = num / den
     out[(valid.sum(1) < 3) | ~(den > 0)] = np.nan
     return out
