@@ -30,13 +30,21 @@ def _data(args: argparse.Namespace) -> int:
     """Resolve and verify everything a profile's default data needs (extracting archives once)."""
     from heart_lib import data, models
 
+    failed = 0
     for name in args.datasets:
-        dataset = data.image_dataset(name)
-        print(f"{name}: {len(dataset)} images ok")
+        try:
+            print(f"{name}: {len(data.image_dataset(name))} images ok")
+        except DataError as err:
+            failed += 1
+            print(f"error: {name}: {err}", file=sys.stderr)
     for name in args.weights:
         path = models.mirror_weights(name)
-        print(f"{name} weights: {path if path else 'not in the mirror (the timm hub will be used)'}")
-    return 0
+        if path is None:
+            failed += 1
+            print(f"error: {name} weights: {models.mirror_weights_missing(name)}", file=sys.stderr)
+        else:
+            print(f"{name} weights: {path} ok")
+    return 1 if failed else 0
 
 
 def _reproduce(args: argparse.Namespace) -> int:
@@ -103,24 +111,43 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-def _terminate(signum, frame) -> None:
-    # SIGTERM (a killed job) unwinds like Ctrl-C, so atomic writes remove their temporary files.
-    raise SystemExit(128 + signum)
+class Interrupted(BaseException):
+    """A signal asked us to stop (BaseException, like KeyboardInterrupt: no `except Exception` eats it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _signalled(signum, frame) -> None:
+    # Ctrl-C and SIGTERM unwind the main thread the same way: the runner then kills the kernels,
+    # staging copies and temporary files are removed, and nothing already written is touched.
+    raise Interrupted(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, _terminate)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _signalled)
     args = parser().parse_args(argv)
     try:
         return args.func(args)
+    except Interrupted as stop:
+        name = signal.Signals(stop.signum).name
+        print(f"error: stopped by {name}; results written before it are kept, nothing half-written was "
+              "kept", file=sys.stderr)
+        return 128 + stop.signum
     except (config.ConfigError, DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # fine-tuning stopped on a NaN/inf loss; the message says where
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except Exception as err:  # noqa: BLE001 - runner and book errors carry their own messages
         from heart_lib.book import BookError
+        from heart_lib.results import ResultsNotWritable
         from heart_lib.runner import NotebookFailed
 
-        if isinstance(err, (NotebookFailed, BookError)):
+        if isinstance(err, (NotebookFailed, BookError, ResultsNotWritable)):
             print(f"error: {err}", file=sys.stderr)
             return 1
         raise

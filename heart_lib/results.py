@@ -20,11 +20,51 @@ import pandas as pd
 from heart_lib.paths import results_root
 
 
+class ResultsNotWritable(RuntimeError):
+    """The results folder cannot be written (read-only, no permission); the message says which."""
+
+
+# While the runner executes a notebook, the chapter folder it writes is redirected to a staging
+# copy (swapped in whole when the notebook succeeds), so a killed or failed run never leaves the
+# final folder half-rewritten. Reads through `results_root()` (the claims chapter reads every other
+# chapter) still see the final folders.
+STAGE_FOR_ENV = "HEART_STAGE_FOR"  # the final chapter folder being rewritten (absolute)
+STAGE_TO_ENV = "HEART_STAGE_TO"    # its staging copy
+
+
 def results_dir(profile: str, *parts: str) -> Path:
-    """`results/<profile>/<parts...>`, created."""
-    path = results_root().joinpath(profile, *parts)
+    """`results/<profile>/<parts...>`, created (inside the staging copy while the runner stages it)."""
+    path = staged(results_root().joinpath(profile, *parts))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def staged(path: Path) -> Path:
+    """`path`, moved into the staging copy when it lies inside the folder being staged."""
+    final, stage = os.environ.get(STAGE_FOR_ENV), os.environ.get(STAGE_TO_ENV)
+    if not final or not stage:
+        return path
+    absolute = Path(os.path.abspath(path))
+    if absolute == Path(final) or absolute.is_relative_to(final):
+        return Path(stage) / absolute.relative_to(final)
+    return path
+
+
+def file_mode() -> int:
+    """The permissions a new file gets under the current umask (mkstemp would give 0600)."""
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    try:  # Linux reports it without changing it (os.umask must set it to read it)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -37,6 +77,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():
+            os.chmod(tmp_path, file_mode())
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
