@@ -7,11 +7,14 @@ the hashing. A missing, corrupt or wrong file raises `DataError` naming it and h
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import stat
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -59,47 +62,115 @@ def sha256_file(path: Path) -> str:
 
 def tree_digest(folder: Path) -> str:
     """Digest of a folder of files: SHA-256 over '<name>\\0<sha256>\\n' lines in sorted name order."""
+    return _tree_digest({name: sha256_file(Path(folder) / name) for name in _files(Path(folder))})
+
+
+def _tree_digest(digests: dict[str, str]) -> str:
     h = hashlib.sha256()
-    for path in sorted(p for p in Path(folder).iterdir() if p.is_file()):
-        h.update(path.name.encode() + b"\0" + sha256_file(path).encode() + b"\n")
+    for name in sorted(digests):
+        h.update(name.encode() + b"\0" + digests[name].encode() + b"\n")
     return h.hexdigest()
 
 
-def _stamp(path: Path) -> list[int]:
-    """What must not change for a remembered checksum to stay valid."""
-    if path.is_dir():
-        files = [p.stat() for p in path.iterdir() if p.is_file()]
-        return [len(files), sum(s.st_size for s in files), max((s.st_mtime_ns for s in files), default=0)]
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns]
+def _files(folder: Path) -> dict[str, os.stat_result]:
+    """Every file under `folder` by relative name, with its stat (os.walk: pathlib is 10x slower here)."""
+    found = {}
+    for top, _, names in os.walk(folder):
+        prefix = os.path.relpath(top, folder)
+        for name in names:
+            st = os.stat(os.path.join(top, name))
+            if stat.S_ISREG(st.st_mode):
+                found[name if prefix == "." else os.path.join(prefix, name)] = st
+    return found
+
+
+def _stamp(path: Path | os.stat_result) -> list[int]:
+    """What must not change for a remembered checksum to stay valid: an edit in place changes the
+    ctime even when the size and mtime are put back, and a file renamed into place has another inode."""
+    st = path if isinstance(path, os.stat_result) else path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
 
 def _verified_db() -> Path:
     return cache_dir() / "verified.json"
 
 
-def verify(path: Path, expected: str, what: str) -> None:
-    """Check `path` (file: SHA-256; folder: tree_digest) against `expected`, remembering success."""
-    path = Path(path).resolve()
-    db_path = _verified_db()
+def _read_record(path: Path) -> dict:
     try:
-        db = json.loads(db_path.read_text())
+        return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
-        db = {}
+        return {}
+
+
+def _write_record(path: Path, record: dict) -> None:
+    from heart_lib.results import write_json  # local import: results imports torch-heavy modules lazily
+
+    with contextlib.suppress(OSError):  # a read-only cache only costs hashing again next time
+        write_json(path, record)
+
+
+def verify(path: Path, expected: str, what: str, listing: dict[str, str] | None = None) -> None:
+    """Check `path` (file: SHA-256; folder: tree_digest, per file) against `expected`.
+
+    Success is remembered per file with its `_stamp`, so later runs re-hash only what changed.
+    `listing` ({relative name: sha256}) names the bad files of a folder; without it, they are named
+    against the last successful check.
+    """
+    path = Path(path).resolve()
+    if path.is_dir():
+        return _verify_folder(path, expected, what, listing)
+    db_path = _verified_db()
+    db = _read_record(db_path)
     key = f"{path}:{expected}"
     if db.get(key) == _stamp(path):
         return
-    actual = tree_digest(path) if path.is_dir() else sha256_file(path)
+    actual = sha256_file(path)
     if actual != expected:
-        raise DataError(
-            f"{what}: checksum mismatch for {path}\n  expected {expected}\n  found    {actual}\n"
-            "The file is corrupt or not the version the study uses; replace it (or remove it so the "
-            "public source is used)."
-        )
+        raise DataError(f"{what}: checksum mismatch for {path}\n  expected {expected}\n  found    {actual}\n"
+                        "The file is corrupt or not the version the study uses; replace it with the "
+                        "manifest's version (data/manifest.yaml names its source).")
     db[key] = _stamp(path)
-    from heart_lib.results import write_json  # local import: results imports torch-heavy modules lazily
+    _write_record(db_path, db)
 
-    write_json(db_path, db)
+
+_checked_folders: set[tuple[Path, str]] = set()  # a process (a kernel) checks a folder once
+
+
+def _verify_folder(folder: Path, expected: str, what: str, listing: dict[str, str] | None) -> None:
+    if (folder, expected) in _checked_folders:
+        return
+    record_path = cache_dir() / "verified" / (hashlib.sha256(f"{folder}:{expected}".encode()).hexdigest()[:24] + ".json")
+    record = _read_record(record_path)  # {relative name: [stamp, sha256]} of the last good check
+    digests, stamps = {}, {}
+    for name, st in _files(folder).items():
+        stamps[name] = _stamp(st)
+        known = record.get(name)
+        digests[name] = known[1] if known and known[0] == stamps[name] else sha256_file(folder / name)
+    if _tree_digest(digests) != expected:
+        reference = listing if listing is not None else {n: v[1] for n, v in record.items()}
+        raise DataError(f"{what}: checksum mismatch for folder {folder}: " + _differences(reference, digests)
+                        + "; replace the folder with the manifest's version (data/manifest.yaml names its "
+                        "source)")
+    fresh = {name: [stamps[name], digests[name]] for name in digests}
+    if fresh != record:
+        _write_record(record_path, fresh)
+    _checked_folders.add((folder, expected))
+
+
+def _differences(reference: dict[str, str], actual: dict[str, str]) -> str:
+    """Which files differ from `reference`, named (the first few of each kind)."""
+    parts = []
+    for label, names in (("changed", [n for n in actual if n in reference and reference[n] != actual[n]]),
+                         ("missing", [n for n in reference if n not in actual]),
+                         ("unexpected", [n for n in actual if n not in reference])):
+        if names:
+            parts.append(f"{len(names)} {label} ({', '.join(sorted(names)[:5])}{', ...' if len(names) > 5 else ''})")
+    return ", ".join(parts) or "its files differ from the manifest's (no per-file record names which)"
+
+
+def read_listing(path: Path) -> dict[str, str]:
+    """A `sha256sum`-style list: '<sha256>  <relative name>' per line."""
+    return {name: sha for sha, name in (line.split("  ", 1) for line in path.read_text().splitlines() if line)}
 
 
 def mirror_path(relative: str) -> Path | None:
@@ -198,10 +269,25 @@ def image_folder_with_csv(name: str, path: str | os.PathLike | None = None) -> t
             name, path, entry["mirror"],
             "no public download exists: pass the folder (images/ + labels.csv) as `path`"))
     verify(root / entry["labels"], entry["labels_sha256"], f"{name} labels")
-    verify(root / "images", entry["images_digest"], f"{name} images")
-    with open(root / entry["labels"], newline="") as f:
-        rows = list(csv.DictReader(f))
-    return root, [Sample(root / "images" / r["file"], int(r["label"])) for r in rows]
+    listing = read_listing(MANIFEST_DIR / entry["images_list"]) if "images_list" in entry else None
+    verify(root / "images", entry["images_digest"], f"{name} images", listing)
+    return root, read_labels(root / entry["labels"], root / "images")
+
+
+def read_labels(path: Path, images: Path) -> list[Sample]:
+    """`labels.csv` (columns file,label): a bad row names the file and the row."""
+    samples = []
+    with open(path, newline="") as f:
+        for row_number, row in enumerate(csv.DictReader(f), start=2):  # row 1 is the header
+            try:
+                label = int(row["label"])
+                if not 0 <= label < 1000 or not row["file"]:
+                    raise ValueError
+            except (KeyError, TypeError, ValueError):
+                raise DataError(f"{path}, row {row_number}: expected 'file,label' with a class index 0..999, "
+                                f"got {dict(row)}; fix the row or restore the file") from None
+            samples.append(Sample(images / row["file"], label))
+    return samples
 
 
 def imagenet_val_folder(path: str | os.PathLike | None, label_file: str | os.PathLike | None = None
@@ -225,24 +311,58 @@ def imagenet_val_folder(path: str | os.PathLike | None, label_file: str | os.Pat
 
 
 def cifar10_folder() -> Path | None:
-    """CIFAR-10 as class folders, extracted once from the mirror's archive into the cache."""
+    """CIFAR-10 as class folders, extracted once from the mirror's archive into the cache.
+
+    Per-file checksums of the extraction are kept beside it and re-checked (by stamp) on every use,
+    so a damaged cache is named instead of silently giving fewer or other images.
+    """
     target = cache_dir() / "cifar10-jpeg"
-    if (target / "cifar10" / "test").is_dir():
-        return target / "cifar10"
     entry = manifest_entry("datasets", "cifar10")
-    archive = mirror_path(entry["mirror"])
-    if archive is None:
-        return None
-    verify(archive, entry["sha256"], "cifar10 archive")
-    # Extract beside the target and rename: an interrupted extraction never looks complete.
+    listing_path = cache_dir() / "cifar10-jpeg.sha256"
+    def extracted() -> bool:  # the list is written last: without it the extraction is not trusted
+        return (target / "cifar10" / "test").is_dir() and listing_path.is_file()
+
+    if not extracted():
+        archive = mirror_path(entry["mirror"])
+        if archive is None:
+            return None
+        verify(archive, entry["sha256"], "cifar10 archive")
+        with _cache_lock("cifar10"):  # a second process extracting at the same time waits, then reuses
+            if not extracted():
+                _extract(archive, target, listing_path)
+    listing = read_listing(listing_path)
+    try:
+        verify(target, _tree_digest(listing), "cifar10 cache", listing)
+    except DataError as err:
+        raise DataError(f"{err}. Remove {target} so it is extracted again from the verified archive") from None
+    return target / "cifar10"
+
+
+def _extract(archive: Path, target: Path, listing_path: Path) -> None:
+    """Extract beside the target and rename: an interrupted extraction never looks complete."""
+    for stale in cache_dir().glob(".cifar10-*"):  # left by killed extractions (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=".cifar10-", dir=cache_dir()))
     try:
         with tarfile.open(archive) as tar:
             tar.extractall(tmp, filter="data")
+        listing = {name: sha256_file(tmp / name) for name in _files(tmp)}
+        listing_path.unlink(missing_ok=True)
+        if target.exists():  # an extraction without its list (interrupted, or from an older version)
+            shutil.rmtree(target)
         os.replace(tmp, target)
+        from heart_lib.results import write_text
+
+        write_text(listing_path, "".join(f"{sha}  {name}\n" for name, sha in sorted(listing.items())))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target / "cifar10"
+
+
+@contextlib.contextmanager
+def _cache_lock(name: str):
+    with open(cache_dir() / f".{name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def cifar10_samples(split: str) -> list[Sample] | Dataset:
