@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from heart_lib import curvature
+from heart_lib import checks, curvature
 from heart_lib._compat import non_fused_attention
 from heart_lib.gates import BlockRunner, GateSet, attach_gates, check_layers, num_prefix_tokens, vit_info
 
@@ -413,6 +413,7 @@ def score_components(model: nn.Module, images: torch.Tensor, *, layers: Iterable
                                      "(the model's attention does not expose timm's attn_drop on its explicit path)")
                 tok = {l: _token_cls_attention(rec.attention[l].float(), info.has_class_token) for l in token_layers}
                 hd = [_head_cls_attention(rec.attention[l].float(), info.has_class_token) for l in head_layers]
+        checks.require_finite_scores(tok, hd, method)
         return Scores(tok, _stack_heads(hd) if heads else None, info.num_prefix_tokens, method)
 
     estimator = {"taylor": None, "fisher": None, "second_order": curvature}.get(method, _CURVATURE_OF.get(method))

@@ -20,6 +20,7 @@ from torch import nn
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
+from heart_lib import checks
 from heart_lib.pruning.config import (ORACLE_SELECTORS, PEER_METHODS, PruningConfig, kept_tokens)
 from heart_lib.pruning.heads import check_sliceable, slice_heads
 from heart_lib.pruning.peers import evit_reduce, mean_keys, tome_merge
@@ -274,8 +275,9 @@ class PrunedViT(nn.Module):
                                               start_layer=start_layer,
                                               tokens=None if tokens is None else tokens[i:i + 1])
                 outs.append(self.model.forward_head(feats))
-            return torch.cat(outs)
-        return self.model.forward_head(self.forward_features(images, oracle, start_layer=start_layer, tokens=tokens))
+            return checks.finite_logits(self, torch.cat(outs))
+        return checks.finite_logits(self, self.model.forward_head(self.forward_features(
+            images, oracle, start_layer=start_layer, tokens=tokens)))
 
 
 def prune(model: nn.Module, config: PruningConfig | str, *, gate: TokenGateSet | None = None,
