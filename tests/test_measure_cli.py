@@ -77,7 +77,9 @@ def test_cli_fresh_process_runs_append_cleanly_to_the_same_folder(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--device", "tpu"], "unknown device"),
     (["--model", "vit_nonexistent_model"], "unknown model"),
-    (["--pruning", "tokens=0.5@99;selector=random", "--model", "vit_tiny_patch16_224"], None),
+    (["--pruning", "tokens=0.5@99;selector=random", "--model", "vit_tiny_patch16_224"], "layer 99 is out of range"),
+    (["--pruning", "tokens=0.5@1;selector=norm", "--model", "resnet18", "--model-kwargs", "{}"],
+     "not a ViT/DeiT"),
     (["--repeats", "0"], "repeats"),
     (["--energy", "rapl"], None),
 ])
@@ -93,16 +95,31 @@ def test_bad_input_is_exit_code_2_with_a_message(tmp_path, capsys, args, message
         base = ["--model", "vit_tiny_patch16_224"] + base
     code = cli.run_cli(base + args)
     err = capsys.readouterr().err
-    if "tokens=0.5@99" in " ".join(args):
-        # an out-of-range layer is caught when the model is built: reported as an error row, exit 1
-        assert code == 1
-        runs = tables.load_runs(tmp_path)
-        assert runs["status"].tolist() == ["error"] + ["skipped"] * 4  # later repeats are not retried
-        assert runs["status_detail"].str.contains("out of range").all()
-        return
     assert code == 2 and err.startswith("error:")
     if message:
         assert message in err
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_default_out_honours_heart_results_and_a_typo_writes_nothing(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from heart_lib.paths import RESULTS_DIR
+
+    committed = sorted(p for p in (RESULTS_DIR / "devices").rglob("*")) if (RESULTS_DIR / "devices").is_dir() else []
+    env = {**os.environ, "HEART_RESULTS": str(tmp_path)}
+    command = [sys.executable, "-m", "heart_lib", "measure", *QUICK, "--batch", "1", "--repeats", "1",
+               "--in-process", "--energy", "none"]
+    bad = subprocess.run(command + ["--pruning", "tokens=0.5@7;selector=norm"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "layer 7 is out of range" in bad.stderr and "Traceback" not in bad.stderr
+    assert not list(tmp_path.iterdir())
+    ok = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert len(list((tmp_path / "devices").glob("*/*.csv"))) == 1
+    assert sorted(p for p in (RESULTS_DIR / "devices").rglob("*")) == committed  # the committed folder is untouched
 
 
 class _OOMModel(torch.nn.Module):

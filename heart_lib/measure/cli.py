@@ -76,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     en.add_argument("--idle", type=float, default=15.0,
                     help="idle-baseline seconds before each run (15; skipped when there is no energy source)")
     dev = parser.add_argument_group("device record")
-    dev.add_argument("--out", default=None, help="output folder (default results/devices/<device-name>/)")
+    dev.add_argument("--out", default=None, help="output folder (default $HEART_RESULTS/devices/<device-name>/, HEART_RESULTS defaulting to results/)")
     dev.add_argument("--device-name", default=None, help="folder/label for this device (default: detected)")
     dev.add_argument("--power-mode", default=None, help="nvpmodel mode, when nvpmodel -q cannot be read")
     dev.add_argument("--jetson-clocks", choices=("on", "off"), default=None, help="whether jetson_clocks was set")
@@ -85,6 +85,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _split(values: list[str]) -> list[str]:
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+def _check_fits(names: list[str], prunings: list[str], model_kwargs: dict[str, Any]) -> None:
+    """Each pruning must fit each model (layers, heads): a user's typo is refused before any run,
+    instead of being measured into the device folder as failed runs."""
+    import timm
+    import torch
+
+    from heart_lib.pruning.config import PruningConfig
+
+    for name in names:
+        try:
+            with torch.device("meta"):  # the architecture only: no weights, no memory
+                model = timm.create_model(name, pretrained=False, **model_kwargs)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"--model-kwargs {json.dumps(model_kwargs)} do not fit --model {name}: {err}") from None
+        blocks = getattr(model, "blocks", None)
+        if blocks is None or not all(hasattr(b, "attn") for b in blocks):
+            if any(p != "none" for p in prunings):
+                raise ValueError(f"--model {name}: not a ViT/DeiT (no transformer blocks), so it cannot be "
+                                 "pruned; measure it with --pruning none only")
+            continue
+        for text in prunings:
+            if text == "none":
+                continue
+            try:
+                PruningConfig.parse(text).check(depth=len(blocks),
+                                                num_heads={i: b.attn.num_heads for i, b in enumerate(blocks)})
+            except ValueError as err:
+                raise ValueError(f"--pruning {text!r} does not fit --model {name}: {err}") from None
 
 
 def _check(args: argparse.Namespace) -> dict[str, Any]:
@@ -114,6 +144,7 @@ def _check(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--model-kwargs = {args.model_kwargs!r}: not JSON ({err})") from err
     if not isinstance(model_kwargs, dict):
         raise ValueError(f"--model-kwargs = {args.model_kwargs!r}: expected a JSON object")
+    _check_fits(names, prunings, model_kwargs)
     threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     if threads < 1:
         raise ValueError(f"--threads = {threads}: must be a positive integer")
@@ -128,14 +159,17 @@ def _check(args: argparse.Namespace) -> dict[str, Any]:
 def main(args: argparse.Namespace) -> int:
     """Run a measurement session; 0 when every configuration was measured or reported, 1 when none ran."""
     from heart_lib import results
-    from heart_lib.paths import RESULTS_DIR
+    from heart_lib.paths import results_root
 
     checked = _check(args)
     device, threads = checked["device"], checked["threads"]
     bench.set_threads(threads)
     info = fingerprint.fingerprint(device, args.precision, threads, checked["overrides"])
-    out = Path(args.out) if args.out else RESULTS_DIR / "devices" / info["device_name"]
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) if args.out else results_root() / "devices" / info["device_name"]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out {out}: cannot create it ({err.strerror}); give a writable folder") from None
     # Probe the energy source once up front so a missing one is reported before minutes of runs.
     probe = energy.open_source(args.energy, device, args.interval)
     source_note = probe.describe()
