@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from heart_lib.data import DataError, manifest, mirror_path, verify
+from heart_lib.paths import mirror_dir
 from heart_lib.progress import progress as progress_bar
 from heart_lib.stats import wilson_interval
 
@@ -49,8 +50,7 @@ def create_model(name: str, weights: str | os.PathLike = "none", num_classes: in
     if source in ("mirror", "auto"):
         path = mirror_weights(name)
         if path is None and source == "mirror":
-            raise DataError(f"no weights for {name!r} in the mirror (data/manifest.yaml lists weights for: "
-                            f"{', '.join(manifest()['weights'])}); use weights='hub' or a file path")
+            raise DataError(mirror_weights_missing(name))
         model = _from_file(name, path, timm_kwargs) if path is not None else _from_hub(name, timm_kwargs)
     elif source == "hub":
         model = _from_hub(name, timm_kwargs)
@@ -64,6 +64,19 @@ def create_model(name: str, weights: str | os.PathLike = "none", num_classes: in
         torch.manual_seed(seed)
         model.reset_classifier(num_classes)
     return model.eval()
+
+
+def mirror_weights_missing(name: str) -> str:
+    """Why the mirror has no weights for `name`: where it looked, and the ways to supply them."""
+    entry = manifest().get("weights", {}).get(name)
+    if entry is None:
+        return (f"no weights for {name!r} in data/manifest.yaml (it lists: {', '.join(manifest()['weights'])}); "
+                "use weights='hub' (needs internet access) or a file path")
+    root = mirror_dir()
+    where = (f"looked for {root / entry['mirror']}" if root is not None
+             else "no mirror folder (set HEART_DATA_MIRROR, default ../shared/data)")
+    return (f"no {name} weights in the mirror: {where}; put the file there, set HEART_DATA_MIRROR, "
+            "or use weights='hub' (needs internet access) or a file path")
 
 
 def mirror_weights(name: str) -> Path | None:

@@ -103,11 +103,15 @@ def compare_results(expected: Path, actual: Path, rtol: float = 1e-4) -> list[Co
 
 def reproduce(profile: str, rtol: float = 1e-4, jobs: int = 1, log=print) -> list[Comparison]:
     """Re-execute `profile` into a scratch folder and compare with the committed results."""
-    from heart_lib import runner
+    from heart_lib import config, runner
 
+    if profile not in config.available_profiles():
+        raise config.ConfigError(f"unknown profile {profile!r}; available profiles: "
+                                 f"{', '.join(config.available_profiles())}")
     committed = results_root() / profile
     if not committed.is_dir():
-        raise FileNotFoundError(f"no committed results for profile {profile!r} at {committed}")
+        raise config.ConfigError(f"no results of profile {profile!r} at {committed} to compare with; run "
+                                 f"`python -m heart_lib run --profile {profile}` first")
     with tempfile.TemporaryDirectory(prefix=f"heart-reproduce-{profile}-") as scratch:
         previous = os.environ.get("HEART_RESULTS")
         os.environ["HEART_RESULTS"] = scratch

@@ -105,4 +105,4 @@ def check_compatible(blob: dict[str, Any], fingerprint: dict[str, Any], path: st
     if diff:
         raise CheckpointMismatch(
             f"checkpoint {path} was written by another configuration; refusing to resume. Differences: "
-            + "; ".join(diff) + ". Use a fresh output folder, or resume=False to start over.")
+            + "; ".join(diff) + ". Use a fresh output folder, or start over with --no-resume (resume=False from Python).")

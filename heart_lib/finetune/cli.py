@@ -109,6 +109,8 @@ def main(args: argparse.Namespace) -> int:
                        device=ctx.device, resume=not args.no_resume, fingerprint=fingerprint)
         if ctx.is_main:
             done = "finished" if result.finished else f"stopped after step {result.step} (--stop-after)"
+            if result.resumed_from is not None:
+                done += f", resumed from step {result.resumed_from} of {out / 'checkpoint.pt'} (--no-resume starts over)"
             print(f"fine-tuning {done}; {len(result.history)} epoch(s) in {out / 'history.csv'}")
             if result.finished and eval_set is not None:
                 table = models.evaluate(result.model.cpu(), data.make_loader(eval_set, config.batch_size))
@@ -134,6 +136,6 @@ def run(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return main(args)
-    except (ValueError, DataError) as err:
+    except (ValueError, DataError, FloatingPointError) as err:  # FloatingPointError: the NaN-loss stop
         print(f"error: {err}", file=sys.stderr)
         return 2
