@@ -18,9 +18,13 @@ help:
 
 # One pip resolve of the exact pins: torch 2.13.0 with timm/torchvision in the same call, so no CUDA
 # packages are pulled on CPU machines.
+# The pins are for Python 3.11+: refuse an older one before pip fails deep inside a resolve, and
+# replace a .venv left by such an attempt (or otherwise broken) instead of reusing it.
+PY_OK := import sys; sys.exit(sys.version_info < (3, 11))
 env: $(STAMP)
 $(STAMP): requirements.txt pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PYTHON) -c '$(PY_OK)' 2>/dev/null || { echo "error: make env needs Python 3.11 or newer (requirements.txt is pinned for it); $(PYTHON) is $$($(PYTHON) --version 2>&1 || echo missing). Use: make env PYTHON=python3.11" >&2; exit 1; }
+	@$(PY) -c '$(PY_OK)' 2>/dev/null || { test ! -e $(VENV) || echo "replacing the unusable $(VENV) (wrong Python or broken)"; rm -rf $(VENV); $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	$(PY) -c "import heart_lib, timm, torchvision; print('environment ok: torch', __import__('torch').__version__, 'timm', timm.__version__)"
@@ -40,7 +44,9 @@ MATHJAX := build/npm/node_modules/mathjax/es5/tex-chtml.js
 mathjax: $(MATHJAX)
 $(MATHJAX):
 	mkdir -p build/npm
-	cd build/npm && npm install --no-audit --no-fund --silent --prefix . mathjax@3 >/dev/null
+	@cd build/npm && npm install --no-audit --no-fund --fetch-retries=1 --prefix . mathjax@3 >npm.log 2>&1 || \
+	  { echo "error: npm could not install mathjax@3 (offline? no registry access?); npm said:" >&2; \
+	    grep -iE "err|warn" npm.log | tail -n 8 >&2; echo "full log: build/npm/npm.log" >&2; exit 1; }
 	test -f $@
 
 # Headless Chromium for the browser test (Debian/Ubuntu package; needs root or sudo).
