@@ -201,8 +201,6 @@ def execute(profile: str, name: str, key: str) -> Path:
             raise NotebookFailed(
                 f"notebook {name!r} (profile {profile!r}) failed in cell {err.exec_count}: "
                 f"{err.ename}: {err.evalue}\n  executed copy for inspection: {failed}") from err
-        if _stop.is_set():  # the kernel was killed: what it left is not a result
-            raise NotebookFailed(f"notebook {name!r} (profile {profile!r}) was interrupted")
         nb = nbformat.read(executed, as_version=4)
         nb.metadata["heart"] = {"key": key, "profile": profile, "notebook": name,
                                 "outputs": outputs_digest(folder)}
@@ -332,7 +330,10 @@ def run_profile(profile: str, jobs: int = 1, force: bool = False, only: list[str
             if "claims" in selected:
                 futures.append(pool.submit(one, "claims"))
                 outcomes.append(futures[-1].result())
-        except BaseException:
+        except Exception:  # a notebook failed: the others still finish and are kept
+            pool.shutdown(wait=True)
+            raise
+        except BaseException:  # a signal: stop everything now
             _stop.set()
             logging.getLogger("papermill").disabled = True  # "kernel died" is what we asked for
             for future in futures:

@@ -27,3 +27,18 @@ def test_table_round_trip_with_metadata(tmp_path):
 def test_missing_table_says_which(tmp_path):
     with pytest.raises(FileNotFoundError, match="run the notebook"):
         results.read_table(tmp_path / "absent.csv")
+
+
+def test_staging_redirects_only_the_chapter_being_rewritten(tmp_path, monkeypatch):
+    # While the runner executes `claims`, its folder is a staging copy; what claims reads of the other
+    # chapters (through results_root) stays the final folders.
+    from heart_lib.paths import results_root
+
+    monkeypatch.setenv("HEART_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv(results.STAGE_FOR_ENV, str(tmp_path / "results" / "p" / "claims"))
+    monkeypatch.setenv(results.STAGE_TO_ENV, str(tmp_path / "stage" / "claims"))
+    assert results.results_dir("p", "claims") == tmp_path / "stage" / "claims"
+    assert results.results_dir("p", "claims", "figures") == tmp_path / "stage" / "claims" / "figures"
+    assert results.results_dir("p", "baseline") == tmp_path / "results" / "p" / "baseline"
+    assert results.results_dir("p", "claimsX") == tmp_path / "results" / "p" / "claimsX"
+    assert results_root() / "p" / "claims" == tmp_path / "results" / "p" / "claims"
