@@ -28,30 +28,24 @@ import pandas as pd
 import torch
 from scipy import stats as st
 
-from heart_lib import data, models, results
+from heart_lib import catalogue, data, models, results
 from heart_lib import sensitivity as S
 from heart_lib.experiments.common import model_and_dataset
 from heart_lib.gates import vit_info
 from heart_lib.progress import progress as progress_bar
 
 SCORES_VERSION = 1  # bump when the meaning of the stored raw scores changes (invalidates reuse)
-CURVATURE_SCORES = ("heart", "heart_global", "heart_hutchinson", "heart_exact")
-ALL_SCORES = CURVATURE_SCORES + ("second_order", "second_order_exact", "taylor", "fisher", "cls_attention", "norm",
-                                 "random")
-EXACT_SCORES = ("heart_exact", "second_order_exact")  # computed on the first `exact_limit` images only
-SCORE_LABELS = {
-    "heart": "HEART single probe (per layer)",
-    "heart_global": "HEART single probe (one HVP, all gates)",
-    "heart_hutchinson": "HEART Hutchinson",
-    "heart_exact": "HEART exact diagonal",
-    "second_order": "full second order −g + ½S (S Hutchinson)",
-    "second_order_exact": "full second order −g + ½S (S exact)",
-    "taylor": "first-order Taylor |g|",
-    "fisher": "empirical Fisher g²",
-    "cls_attention": "CLS attention",
-    "norm": "activation norm",
-    "random": "random",
-}
+# Every score of the catalogue; the per-component ones (one HVP per component) on the first
+# `exact_limit` images only.
+CURVATURE_SCORES = catalogue.scores(family="heart")
+ALL_SCORES = tuple(catalogue.SCORES)
+EXACT_SCORES = catalogue.scores(per_component=True)
+SCORE_LABELS = {name: entry.label for name, entry in catalogue.SCORES.items()}
+# The chapter's one gradient pass: Hutchinson curvature, whose exact gradient also serves the
+# first-order scores and the full second order.
+BASE_CURVATURE = "hutchinson"
+BASE_SCORE = catalogue.scores(family="heart", curvature=BASE_CURVATURE)[0]  # names the base pass's time
+EXACT_TIMING = EXACT_SCORES[0]  # names the exact pass's time (its images: exact_limit)
 
 
 @dataclass(frozen=True)
@@ -149,22 +143,23 @@ def _batch_scores(model, images, labels, params: Params, seconds: dict[str, floa
     tok: dict[str, dict[int, torch.Tensor]] = {}
     hd: dict[str, torch.Tensor] = {}
     wanted = set(params.scores)
-    curv = lambda d, k: d.curvature[k]  # noqa: E731
-    hutch = _timed(seconds, "heart_hutchinson", lambda: S.gate_derivatives(
-        model, images, curvature_estimator="hutchinson", probes=params.probes, seed=params.seed, **kw))
-    tok["heart_hutchinson"], hd["heart_hutchinson"] = _collect(layers, heads, hutch, curv)
-    # The gradient is exact whatever the curvature estimator: first-order scores come from here.
-    tok["second_order"], hd["second_order"] = _collect(layers, heads, hutch,
-                                                       lambda d, k: -d.grad[k] + 0.5 * d.curvature[k])
-    tok["taylor"], hd["taylor"] = _collect(layers, heads, hutch, lambda d, k: d.grad[k].abs())
-    tok["fisher"], hd["fisher"] = _collect(layers, heads, hutch, lambda d, k: d.grad[k].square())
-    for name, scope in (("heart", "layer"), ("heart_global", "global")):
-        if name in wanted:
-            deriv = _timed(seconds, name, lambda: S.gate_derivatives(model, images, curvature_estimator="single",
-                                                                     scope=scope, **kw))
-            tok[name], hd[name] = _collect(layers, heads, deriv, curv)
-    for name in ("cls_attention", "norm", "random"):
-        if name in wanted:
+    base = _timed(seconds, BASE_SCORE, lambda: S.gate_derivatives(
+        model, images, curvature_estimator=BASE_CURVATURE, probes=params.probes, seed=params.seed, **kw))
+    own: list[str] = []
+    for name, entry in catalogue.SCORES.items():
+        if entry.per_component:
+            continue  # compute_exact
+        if entry.formula is not None and entry.curvature in (None, BASE_CURVATURE, "chosen"):
+            tok[name], hd[name] = _collect(layers, heads, base, _formula(entry))
+        elif name in wanted:
+            own.append(name)
+    for name in own:  # scores that need a pass of their own, in catalogue order
+        entry = catalogue.SCORES[name]
+        if entry.formula is not None:
+            deriv = _timed(seconds, name, lambda: S.gate_derivatives(
+                model, images, curvature_estimator=entry.curvature, scope=entry.scope or "layer", **kw))
+            tok[name], hd[name] = _collect(layers, heads, deriv, _formula(entry))
+        else:
             res = _timed(seconds, name, lambda: S.score_components(
                 model, images, layers=layers, heads=True, method=name, loss=params.loss, labels=labels,
                 seed=params.seed))
@@ -175,7 +170,11 @@ def _batch_scores(model, images, labels, params: Params, seconds: dict[str, floa
         model, images, loss=params.loss, labels=labels))
     tok = {k: v for k, v in tok.items() if k in wanted}
     hd = {k: v for k, v in hd.items() if k in wanted}
-    return tok, hd, loo_t, loo_h, hutch
+    return tok, hd, loo_t, loo_h, base
+
+
+def _formula(entry: catalogue.ScoreEntry):
+    return lambda d, k: entry.formula(d.grad[k], d.curvature.get(k))
 
 
 def _loo_subset(params: Params, images: torch.Tensor, model) -> dict[int, list[int]] | None:
@@ -197,13 +196,12 @@ def _batch_exact(model, images, labels, params: Params, seconds: dict[str, float
     layers = tuple(params.layers)
     heads = tuple(range(vit_info(model).depth))
     components = None if tokens is None else {("token", l): tokens[l] for l in layers}
-    exact = _timed(seconds, "heart_exact", lambda: S.gate_derivatives(
+    exact = _timed(seconds, EXACT_TIMING, lambda: S.gate_derivatives(
         model, images, token_layers=layers, head_layers=heads, loss=params.loss, labels=labels,
         curvature_estimator="exact", components=components))
     tok, hd = {}, {}
-    tok["heart_exact"], hd["heart_exact"] = _collect(layers, heads, exact, lambda d, k: d.curvature[k])
-    tok["second_order_exact"], hd["second_order_exact"] = _collect(
-        layers, heads, exact, lambda d, k: -d.grad[k] + 0.5 * d.curvature[k])
+    for name in EXACT_SCORES:
+        tok[name], hd[name] = _collect(layers, heads, exact, _formula(catalogue.SCORES[name]))
     return tok, hd
 
 
@@ -356,7 +354,7 @@ def raw_scores(params: Params, out: Path, progress: bool = True) -> RawScores:
 
 
 def _variants(name: str) -> tuple[str, ...]:
-    return S.VARIANTS if name in CURVATURE_SCORES else ("raw",)
+    return catalogue.score(name).variants
 
 
 def _finite_rows(a: np.ndarray) -> np.ndarray:
@@ -484,17 +482,19 @@ def correlation_table(raw: RawScores, per_image: pd.DataFrame, n_boot: int = 200
 
 def estimator_agreement(raw: RawScores, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
     """How well each fast curvature estimator ranks like the exact diagonal (images with exact scores)."""
-    if "heart_exact" not in raw.tokens or raw.exact_images == 0:
+    exact = [n for n in CURVATURE_SCORES if catalogue.SCORES[n].per_component]
+    if not exact or exact[0] not in raw.tokens or raw.exact_images == 0:
         return pd.DataFrame()
+    exact = exact[0]
     p, k = raw.num_prefix_tokens, raw.exact_images
     rows = []
-    for name in ("heart", "heart_global", "heart_hutchinson"):
-        if name not in raw.tokens:
+    for name in CURVATURE_SCORES:
+        if name not in raw.tokens or name == exact:
             continue
-        per_layer = [rowwise_spearman(raw.tokens[name][l][:k, p:], raw.tokens["heart_exact"][l][:k, p:])
+        per_layer = [rowwise_spearman(raw.tokens[name][l][:k, p:], raw.tokens[exact][l][:k, p:])
                      for l in sorted(raw.tokens[name])]
         token_mean, lo, hi = _mean_ci(np.mean(per_layer, 0), n_boot, seed)
-        heads = rowwise_spearman(raw.heads[name][:k].reshape(k, -1), raw.heads["heart_exact"][:k].reshape(k, -1))
+        heads = rowwise_spearman(raw.heads[name][:k].reshape(k, -1), raw.heads[exact][:k].reshape(k, -1))
         h_mean, h_lo, h_hi = _mean_ci(heads, n_boot, seed)
         rows.append({"estimator": name, "images": k, "tokens_spearman": token_mean, "tokens_lo": lo, "tokens_hi": hi,
                      "heads_spearman": h_mean, "heads_lo": h_lo, "heads_hi": h_hi})
@@ -537,7 +537,7 @@ def run(params: Params, out: Path, progress: bool = True) -> dict[str, Any]:
         "loss": params.loss, "layers": list(params.layers), "num_prefix_tokens": raw.num_prefix_tokens,
         "mean_loss": float(raw.loss.mean()), "pseudo_label_accuracy": float((raw.labels == raw.predictions).mean()),
         "exact_images": raw.exact_images,
-        "seconds_per_image": {k: v / (raw.exact_images if k == "heart_exact" else images)
+        "seconds_per_image": {k: v / (raw.exact_images if k == EXACT_TIMING else images)
                               for k, v in raw.seconds.items()},
         "best": best.to_dict(orient="records"),
         "aggregation": "tokens: Spearman/Kendall per image across non-prefix tokens of one layer, mean over "
