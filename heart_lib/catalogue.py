@@ -18,7 +18,7 @@ read it; the reducers' tensor maths (`pruning.selectors`, `pruning.peers`) are i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch

@@ -1,8 +1,10 @@
 """Execute a profile's notebooks with papermill, re-running only what changed.
 
 A notebook's *key* is a digest of everything its output depends on: the notebook source, its
-parameters, the library's source and the pinned packages (the claims summary also depends on the
-other notebooks' keys, since it reads their results). An executed notebook is stored as
+parameters, the source of the heart_lib modules its experiment module and its cells import
+(transitively, `provenance.code_digest`; an edit to an unrelated module re-runs nothing) and the
+pinned packages (the claims summary also depends on the other notebooks' keys, since it reads
+their results). An executed notebook is stored as
 `results/<profile>/<name>.ipynb` with its key in the metadata; it is re-executed only when the key
 changes. Each executed notebook is written atomically, so an interrupted run resumes where it left off.
 """
@@ -24,7 +26,7 @@ import nbformat
 
 from heart_lib import config
 from heart_lib.paths import PROJECT_ROOT
-from heart_lib.provenance import library_digest, requirements_digest
+from heart_lib.provenance import code_digest, notebook_modules, requirements_digest
 from heart_lib.results import atomic_path, results_dir, write_json
 
 KERNEL = "python3"
@@ -63,6 +65,13 @@ def input_digest(profile: str, name: str) -> str:
     return h.hexdigest()
 
 
+def notebook_code(name: str) -> tuple[str, ...]:
+    """heart_lib modules a notebook runs: its experiment module and what its code cells import."""
+    cells = [cell.source for cell in nbformat.read(config.NOTEBOOKS_DIR / f"{name}.ipynb", as_version=4).cells
+             if cell.cell_type == "code"]
+    return tuple(sorted({f"heart_lib.experiments.{name}", "heart_lib.config", *notebook_modules(cells)}))
+
+
 def notebook_key(profile: str, name: str, upstream: tuple[str, ...] = ()) -> str:
     """Digest of what the executed notebook depends on."""
     h = hashlib.sha256()
@@ -71,7 +80,7 @@ def notebook_key(profile: str, name: str, upstream: tuple[str, ...] = ()) -> str
         name,
         (config.NOTEBOOKS_DIR / f"{name}.ipynb").read_bytes().decode(),
         json.dumps(config.raw_profile_params(profile, name), sort_keys=True),
-        library_digest(),
+        code_digest(*notebook_code(name)),
         requirements_digest(),
         input_digest(profile, name),
         *upstream,

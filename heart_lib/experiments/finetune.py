@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -143,11 +141,10 @@ class Params:
                            workers=self.workers, eval_every_epoch=self.eval_each_epoch)
 
     def key(self) -> str:
-        """Digest of the parameters and the library's code: names the checkpoint folder."""
-        from heart_lib.provenance import library_digest
+        """The cache key of the runs (parameters + the code they run): names the checkpoint folder."""
+        from heart_lib.results import cache_key
 
-        text = json.dumps(dataclasses.asdict(self), sort_keys=True) + library_digest()
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return cache_key("finetune-runs", dataclasses.asdict(self), (__name__,))
 
 
 # ---------------------------------------------------------------------------------------- maths

@@ -14,7 +14,6 @@ Every row carries analytic FLOPs of what ran, and accuracy with Wilson intervals
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,7 +33,6 @@ from heart_lib.pruning import PruningConfig, prune, train_token_gate
 from heart_lib.pruning.selectors import TokenGateSet, block_inputs, gate_rank_agreement
 from heart_lib.stats import wilson_interval
 
-SWEEP_VERSION = 1  # bump when the sweep's meaning changes, so cached tables are not reused
 
 
 def head_methods() -> tuple[str, ...]:
@@ -125,11 +123,13 @@ class Params:
         if any(b < 0 for b in self.budgets + self.per_input_budgets):
             raise ValueError("budgets must be non-negative")
 
+    def stage_params(self) -> dict[str, Any]:
+        """What the sweep's numbers depend on (not `reuse`)."""
+        return {k: v for k, v in asdict(self).items() if k != "reuse"}
+
     def key(self) -> str:
-        """Digest of everything the sweep's numbers depend on (not `reuse`)."""
-        values = {k: v for k, v in asdict(self).items() if k != "reuse"}
-        blob = json.dumps({"v": SWEEP_VERSION, **values}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        """The cache key of the sweep: its parameters and the code it runs (`results.cache_key`)."""
+        return results.cache_key("pruning", self.stage_params(), (__name__,))
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -203,11 +203,7 @@ def _scores_in_batches(model, images, labels, params: Params, layers, heads: boo
 
 
 def _cache_folder(params: Params) -> Path:
-    from heart_lib.paths import cache_dir
-
-    folder = cache_dir() / "pruning" / params.key()
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    return results.cache_folder("pruning", params.stage_params(), (__name__,))
 
 
 def prepare(params: Params) -> Context:

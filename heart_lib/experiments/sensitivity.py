@@ -34,7 +34,6 @@ from heart_lib.experiments.common import model_and_dataset
 from heart_lib.gates import vit_info
 from heart_lib.progress import progress as progress_bar
 
-SCORES_VERSION = 1  # bump when the meaning of the stored raw scores changes (invalidates reuse)
 # Every score of the catalogue; the per-component ones (one HVP per component) on the first
 # `exact_limit` images only.
 CURVATURE_SCORES = catalogue.scores(family="heart")
@@ -205,15 +204,19 @@ def _batch_exact(model, images, labels, params: Params, seconds: dict[str, float
     return tok, hd
 
 
-def params_key(params: Params, stage: str = "scores") -> str:
-    """Digest of what the stored raw scores of `stage` ("scores" or "exact") depend on
-    (display settings excluded; the cheap stage does not depend on exact_limit)."""
+def stage_params(params: Params, stage: str = "scores") -> dict[str, Any]:
+    """The parameters the stored raw scores of `stage` ("scores" or "exact") depend on (display
+    settings excluded; the cheap stage does not depend on exact_limit, the exact stage depends on
+    loo_tokens too: it scores those tokens)."""
     skip = {"bootstrap", "heatmap_images", "heatmap_layer", "reuse"}
     if stage == "scores":
-        skip.add("exact_limit")  # (the exact stage depends on loo_tokens too: it scores those tokens)
-    relevant = {k: v for k, v in asdict(params).items() if k not in skip}
-    relevant.update(version=SCORES_VERSION, stage=stage)
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        skip.add("exact_limit")
+    return {k: v for k, v in asdict(params).items() if k not in skip}
+
+
+def raw_folder(params: Params, stage: str) -> Path:
+    """Where a stage's raw scores are cached (the cache rule of `results.cache_folder`)."""
+    return results.cache_folder(f"sensitivity-{stage}", stage_params(params, stage), (__name__,))
 
 
 def _cat(xs) -> np.ndarray:
@@ -313,33 +316,24 @@ def load_raw(path: Path) -> tuple[RawScores, str]:
     return raw, meta["key"]
 
 
-def raw_scores(params: Params, out: Path, progress: bool = True) -> RawScores:
-    """Raw scores, reused from `out/raw_scores.npz` (and `raw_exact.npz`) when they were computed
-    with the same parameters and reuse is on; else computed and stored (each stage separately, so
-    an interrupted exact pass does not redo the leave-one-out)."""
-    path, exact_path = out / "raw_scores.npz", out / "raw_exact.npz"
-    key, exact_key = params_key(params, "scores"), params_key(params, "exact")
-    raw = None
-    if params.reuse and path.is_file():
-        raw, stored = load_raw(path)
-        if stored != key:
-            raw = None
+def raw_scores(params: Params, progress: bool = True) -> RawScores:
+    """Raw scores, reused from the cache (`raw_folder`) when reuse is on; else computed and stored
+    (each stage separately, so an interrupted exact pass does not redo the leave-one-out)."""
+    path = raw_folder(params, "scores") / "raw_scores.npz"
+    exact_path = raw_folder(params, "exact") / "raw_exact.npz"
+    raw = load_raw(path)[0] if params.reuse and path.is_file() else None
     if raw is None:
         raw = compute_raw(params, progress)
-        save_raw(raw, path, key)
+        save_raw(raw, path, path.parent.name)
     wanted = [s for s in EXACT_SCORES if s in params.scores]
     if params.exact_limit and wanted:
-        exact = None
-        if params.reuse and exact_path.is_file():
-            exact, stored = load_raw(exact_path)
-            if stored != exact_key:
-                exact = None
+        exact = load_raw(exact_path)[0] if params.reuse and exact_path.is_file() else None
         if exact is None:
             tok, hd, seconds = compute_exact(params, raw, progress)
             exact = RawScores(tokens=tok, heads=hd, loo_tokens={}, loo_heads=np.zeros(0), loss=np.zeros(0),
                               labels=np.zeros(0), predictions=np.zeros(0), num_prefix_tokens=raw.num_prefix_tokens,
                               seconds=seconds)
-            save_raw(exact, exact_path, exact_key)
+            save_raw(exact, exact_path, exact_path.parent.name)
         images = len(raw.loss)
         for name in wanted:
             raw.tokens[name] = {l: _pad_rows(a, images) for l, a in exact.tokens[name].items()}
@@ -520,7 +514,7 @@ def variant_table(table: pd.DataFrame) -> pd.DataFrame:
 
 def run(params: Params, out: Path, progress: bool = True) -> dict[str, Any]:
     """Compute (or reuse) raw scores; write the correlation tables and a summary under `out`."""
-    raw = raw_scores(params, out, progress)
+    raw = raw_scores(params, progress)
     per_image = per_image_correlations(raw)
     table = correlation_table(raw, per_image, params.bootstrap, params.seed)
     meta = {"params": asdict(params)}
