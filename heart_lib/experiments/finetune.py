@@ -64,12 +64,12 @@ class Params:
     transfer: bool = True
     transfer_train: str = "cifar10-train"
     transfer_test: str = "cifar10-test"
-    transfer_train_limit: int | None = 5000
+    transfer_train_limit: int | None = 3000
     transfer_test_limit: int | None = 2000
     transfer_image_size: int | None = 64  # None = the model's own
     transfer_epochs: int = 2  # unpruned model, new head: ImageNet -> CIFAR-10
     recovery_epochs: int = 1  # then each pruned model and the unpruned control
-    transfer_lr: float = 5e-4
+    transfer_lr: float = 3e-4
     recovery_lr: float = 1e-4
     transfer_distill_alpha: float = 0.0  # distillation from the transferred unpruned model in recovery
     # (b) ImageNet recovery by distillation
@@ -78,7 +78,7 @@ class Params:
     imagenet_test: str = "imagenet-val-1300"
     imagenet_train_limit: int | None = None
     imagenet_test_limit: int | None = None
-    imagenet_image_size: int | None = 96
+    imagenet_image_size: int | None = 112
     imagenet_epochs: int = 2
     imagenet_lr: float = 5e-5
     distill_alpha: float = 0.9
