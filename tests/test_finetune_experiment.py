@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from heart_lib import config
-from heart_lib.experiments.finetune import Params, choose_heads, paired_difference
+from heart_lib.experiments.finetune import Params, choose_heads
+from heart_lib.stats import paired_difference
 
 
 def test_choose_heads_takes_lowest_and_keeps_one_per_layer():

@@ -35,7 +35,7 @@ from heart_lib.finetune.recipe import AMP_MODES
 from heart_lib.flops import count_flops
 from heart_lib.paths import cache_dir
 from heart_lib.pruning import PruningConfig, prune
-from heart_lib.stats import wilson_interval
+from heart_lib.stats import paired_difference, wilson_interval
 
 SETTINGS = ("unpruned", "tokens", "joint")
 EXPERIMENTS = ("transfer", "imagenet")
@@ -164,21 +164,6 @@ def choose_heads(scores: torch.Tensor, count: int) -> dict[int, tuple[int, ...]]
             if count == 0:
                 break
     return {l: tuple(sorted(v)) for l, v in sorted(removed.items())}
-
-
-def paired_difference(after: np.ndarray, before: np.ndarray, n_resamples: int = 2000, seed: int = 0,
-                      confidence: float = 0.95) -> tuple[float, float, float]:
-    """Mean of after − before over the same images, with a paired percentile bootstrap interval
-    (images resampled with replacement, both models' outcomes kept together)."""
-    a, b = np.asarray(after, dtype=float), np.asarray(before, dtype=float)
-    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
-        raise ValueError(f"paired outcomes must be two equal-length vectors, got shapes {a.shape} and {b.shape}")
-    diff = a - b
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(diff), size=(n_resamples, len(diff)))
-    means = diff[idx].mean(axis=1)
-    alpha = (1 - confidence) / 2
-    return float(diff.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
 
 
 # ---------------------------------------------------------------------------------------- runs

@@ -26,13 +26,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from scipy import stats as st
 
 from heart_lib import catalogue, data, models, results
 from heart_lib import sensitivity as S
 from heart_lib.experiments.common import model_and_dataset
 from heart_lib.gates import vit_info
 from heart_lib.progress import progress as progress_bar
+from heart_lib.stats import mean_interval, pooled_rank_correlation, rowwise_kendall, rowwise_spearman
 
 # Every score of the catalogue; the per-component ones (one HVP per component) on the first
 # `exact_limit` images only.
@@ -355,74 +355,6 @@ def _finite_rows(a: np.ndarray) -> np.ndarray:
     return np.isfinite(a.reshape(len(a), -1)).all(1)
 
 
-def _valid(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.isfinite(a) & np.isfinite(b)
-
-
-def _ranks(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Average ranks (1..n) along rows over the valid entries; NaN elsewhere."""
-    filled = np.where(valid, x, np.inf)  # invalid entries rank last, then are blanked
-    ranks = st.rankdata(filled, axis=1, method="average")
-    return np.where(valid, ranks, np.nan)
-
-
-def rowwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Spearman ρ of each row of a with the same row of b, over the columns where both are finite
-    (ties get average ranks); NaN where fewer than 3 such columns or a row is constant."""
-    a, b = np.atleast_2d(np.asarray(a, float)), np.atleast_2d(np.asarray(b, float))
-    valid = _valid(a, b)
-    ra, rb = _ranks(a, valid), _ranks(b, valid)
-    count = valid.sum(1, keepdims=True)  # rows without any valid column (e.g. no exact scores) give NaN
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ra -= np.nansum(ra, 1, keepdims=True) / count
-        rb -= np.nansum(rb, 1, keepdims=True) / count
-        num = np.nansum(ra * rb, 1)
-        den = np.sqrt(np.nansum(ra ** 2, 1) * np.nansum(rb ** 2, 1))
-        out = num / den
-    out[(valid.sum(1) < 3) | ~(den > 0)] = np.nan
-    return out
-
-
-def rowwise_kendall(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Kendall's τ-b of each row pair over the columns where both are finite (all pairs at once:
-    Σ sign(Δa)·sign(Δb) / sqrt(Σ|sign Δa| · Σ|sign Δb|))."""
-    a, b = np.atleast_2d(np.asarray(a, float)), np.atleast_2d(np.asarray(b, float))
-    valid = _valid(a, b)
-    a, b = np.where(valid, a, 0.0), np.where(valid, b, 0.0)
-    pair = valid[:, :, None] & valid[:, None, :]
-    sa = np.sign(a[:, :, None] - a[:, None, :]) * pair
-    sb = np.sign(b[:, :, None] - b[:, None, :]) * pair
-    num = (sa * sb).sum((1, 2))
-    den = np.sqrt(np.abs(sa).sum((1, 2)) * np.abs(sb).sum((1, 2)))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = num / den
-    out[(valid.sum(1) < 3) | ~(den > 0)] = np.nan
-    return out
-
-
-def _mean_ci(values: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, float]:
-    values = values[np.isfinite(values)]
-    if len(values) == 0:
-        return float("nan"), float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(values), size=(n_boot, len(values)))
-    boots = values[idx].mean(1)
-    return float(values.mean()), float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
-
-
-def _static_ci(score: np.ndarray, truth: np.ndarray, n_boot: int, seed: int) -> dict[str, float]:
-    """Correlation of image-averaged scores with image-averaged ΔL, bootstrap over images."""
-    keep = _finite_rows(score)
-    score, truth = score[keep].reshape(keep.sum(), -1), truth[keep].reshape(keep.sum(), -1)
-    rng = np.random.default_rng(seed)
-    idx = np.concatenate([np.arange(len(score))[None], rng.integers(0, len(score), (n_boot, len(score)))])
-    s_mean, t_mean = score[idx].mean(1), truth[idx].mean(1)  # [1 + n_boot, components]
-    rho, tau = rowwise_spearman(s_mean, t_mean), rowwise_kendall(s_mean, t_mean)
-    return {"spearman": rho[0], "spearman_lo": np.nanquantile(rho[1:], 0.025),
-            "spearman_hi": np.nanquantile(rho[1:], 0.975), "kendall": tau[0],
-            "kendall_lo": np.nanquantile(tau[1:], 0.025), "kendall_hi": np.nanquantile(tau[1:], 0.975)}
-
-
 def per_image_correlations(raw: RawScores) -> pd.DataFrame:
     """One row per (image, component, score, variant) with Spearman and Kendall."""
     rows = []
@@ -457,7 +389,7 @@ def correlation_table(raw: RawScores, per_image: pd.DataFrame, n_boot: int = 200
         row = {"component": component, "score": name, "variant": variant, "aggregation": "per image, mean",
                "n_images": int(group["spearman"].notna().sum())}
         for stat in ("spearman", "kendall"):
-            mean, lo, hi = _mean_ci(group[stat].to_numpy(dtype=float), n_boot, seed)
+            mean, lo, hi = mean_interval(group[stat].to_numpy(dtype=float), n_boot, seed)
             row.update({stat: mean, f"{stat}_lo": lo, f"{stat}_hi": hi})
         rows.append(row)
     for name, values in raw.heads.items():
@@ -466,7 +398,7 @@ def correlation_table(raw: RawScores, per_image: pd.DataFrame, n_boot: int = 200
             rows.append({"component": "heads (image-mean ranking)", "score": name, "variant": variant,
                          "aggregation": "pooled: mean over images, then one ranking",
                          "n_images": int(_finite_rows(values).sum()),
-                         **_static_ci(score, raw.loo_heads, n_boot, seed)})
+                         **pooled_rank_correlation(score, raw.loo_heads, n_boot, seed)})
     order = {c: i for i, c in enumerate(["tokens (mean over layers)"] + [f"tokens@{l}" for l in sorted(raw.loo_tokens)]
                                         + ["heads", "heads (image-mean ranking)"])}
     table = pd.DataFrame(rows)
@@ -487,9 +419,9 @@ def estimator_agreement(raw: RawScores, n_boot: int = 2000, seed: int = 0) -> pd
             continue
         per_layer = [rowwise_spearman(raw.tokens[name][l][:k, p:], raw.tokens[exact][l][:k, p:])
                      for l in sorted(raw.tokens[name])]
-        token_mean, lo, hi = _mean_ci(np.mean(per_layer, 0), n_boot, seed)
+        token_mean, lo, hi = mean_interval(np.mean(per_layer, 0), n_boot, seed)
         heads = rowwise_spearman(raw.heads[name][:k].reshape(k, -1), raw.heads[exact][:k].reshape(k, -1))
-        h_mean, h_lo, h_hi = _mean_ci(heads, n_boot, seed)
+        h_mean, h_lo, h_hi = mean_interval(heads, n_boot, seed)
         rows.append({"estimator": name, "images": k, "tokens_spearman": token_mean, "tokens_lo": lo, "tokens_hi": hi,
                      "heads_spearman": h_mean, "heads_lo": h_lo, "heads_hi": h_hi})
     return pd.DataFrame(rows)
