@@ -16,7 +16,6 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils import flop_counter
@@ -136,7 +135,10 @@ def _reduces(body: int, keep: float, config: PruningConfig) -> bool:
     return kept_tokens(body, keep, config.selector, config.fuse) < body or config.per_input_budget is not None
 
 
-def _base_shape(base: nn.Module | str) -> ViTShape:
+def base_shape(base: "nn.Module | str | ViTShape") -> ViTShape:
+    """The shape of a model, a timm model name (built on the meta device) or a shape itself."""
+    if isinstance(base, ViTShape):
+        return base
     if isinstance(base, nn.Module):
         return vit_shape(base)
     import timm
@@ -176,7 +178,7 @@ def count_flops(model_or_config: nn.Module | PruningConfig | str, image_size: in
         config = PruningConfig.parse(model_or_config)
         if base is None:
             raise ValueError("count_flops(config) needs base=<model or timm model name> for the architecture")
-        shape = _base_shape(base)
+        shape = base_shape(base)
         depth = len(shape.blocks)
         config.check(depth=depth, num_heads={i: b.heads for i, b in enumerate(shape.blocks)})
         hidden = gate_hidden
@@ -213,20 +215,3 @@ def counted_flops(model: nn.Module, image_size: int | None = None, batch: int = 
 def flops_reduction(pruned: int, dense: int) -> float:
     """Fraction of FLOPs removed."""
     return 1.0 - pruned / dense
-
-
-def match_keep(base: nn.Module | str, target: float, layers: tuple[int, ...], selector: str = "cls_attention",
-               step: float = 0.005, **config_kw: Any) -> PruningConfig:
-    """The symmetric keep ratio (on a `step` grid) whose FLOPs reduction on `base` is nearest `target`."""
-    if not 0 <= target < 1:
-        raise ValueError(f"target = {target}: a FLOPs reduction must lie in [0, 1)")
-    shape = _base_shape(base)
-    dense = analytic_flops(shape, None)["total"]
-    best = None
-    for keep in np.arange(1.0, step / 2, -step):
-        config = PruningConfig(layers=tuple(layers), keep=(round(float(keep), 4),), selector=selector, **config_kw)
-        sliced = shape.without_heads(config.head_map)
-        reduction = 1 - analytic_flops(sliced, config)["total"] / dense
-        if best is None or abs(reduction - target) < best[0] - 1e-12:
-            best = (abs(reduction - target), config)
-    return best[1]

@@ -293,7 +293,7 @@ def test_chapter_params_validation():
 
 
 def test_tome_schedule_never_empties_the_sequence():
-    from heart_lib.experiments.pruning import tome_config
+    from heart_lib.planning import constant_merge_config as tome_config
 
     for r in (0, 8, 40, 98):
         config = tome_config(r, 196, 12)

@@ -34,6 +34,7 @@ from heart_lib.finetune import TrainConfig, image_transform, materialize, model_
 from heart_lib.finetune.recipe import AMP_MODES
 from heart_lib.flops import count_flops
 from heart_lib.paths import cache_dir
+from heart_lib.planning import lowest_heads
 from heart_lib.pruning import PruningConfig, prune
 from heart_lib.stats import paired_difference, wilson_interval
 
@@ -149,23 +150,6 @@ class Params:
 
 # ---------------------------------------------------------------------------------------- maths
 
-def choose_heads(scores: torch.Tensor, count: int) -> dict[int, tuple[int, ...]]:
-    """The `count` lowest-scored heads of a [layers, heads] score table, at most heads−1 per layer."""
-    layers, heads = scores.shape
-    if not 1 <= count <= layers * (heads - 1):
-        raise ValueError(f"joint_heads = {count}: must be in [1, {layers * (heads - 1)}] for {layers} layers of "
-                         f"{heads} heads (at least one head stays in every layer)")
-    order = sorted((float(scores[l, h]), l, h) for l in range(layers) for h in range(heads))
-    removed: dict[int, list[int]] = {}
-    for _, l, h in order:
-        if len(removed.get(l, [])) < heads - 1:
-            removed.setdefault(l, []).append(h)
-            count -= 1
-            if count == 0:
-                break
-    return {l: tuple(sorted(v)) for l, v in sorted(removed.items())}
-
-
 # ---------------------------------------------------------------------------------------- runs
 
 @dataclass
@@ -204,7 +188,10 @@ def _head_scores(model, images: torch.Tensor, params: Params, chunk: int = 16) -
 
 def pruning_settings(params: Params, dense, calib_images: torch.Tensor) -> dict[str, PruningConfig | None]:
     tokens = params.token_config()
-    heads = choose_heads(_head_scores(dense.eval(), calib_images, params), params.joint_heads)
+    try:
+        heads = lowest_heads(_head_scores(dense.eval(), calib_images, params), params.joint_heads)
+    except ValueError as err:
+        raise ValueError(f"parameter 'joint_heads': {err}") from None
     return {"unpruned": None, "tokens": tokens, "joint": tokens.replace(heads=tuple(heads.items()))}
 
 

@@ -14,7 +14,6 @@ Every row carries analytic FLOPs of what ran, and accuracy with Wilson intervals
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from heart_lib.progress import progress
 
-from heart_lib import catalogue, data, models, results
+from heart_lib import catalogue, data, models, planning, results
 from heart_lib.budget import Calibration, predicted_loss, schedule_for_budget
 from heart_lib.flops import count_flops, counted_flops, vit_shape
 from heart_lib.pruning import PruningConfig, prune, train_token_gate
@@ -307,56 +306,17 @@ def _reduction(ctx: Context, config: PruningConfig) -> float:
     return 1.0 - count_flops(config, base=ctx.model, gate_hidden=ctx.params.gate_hidden) / ctx.dense_flops
 
 
+def _reduction_on(ctx: Context):
+    return lambda config: _reduction(ctx, config)
+
+
 def _match_keep(ctx: Context, target: float, selector: str, heads=(), **kw) -> PruningConfig:
-    """The symmetric keep ratio (step 0.005) whose FLOPs reduction is nearest `target`."""
-    best = None
-    for keep in np.arange(1.0, 0.05, -0.005):
-        config = PruningConfig(layers=tuple(ctx.params.layers), keep=(round(float(keep), 3),), selector=selector,
-                               heads=heads, **kw)
-        gap = abs(_reduction(ctx, config) - target)
-        if best is None or gap < best[0] - 1e-12:
-            best = (gap, config)
-    return best[1]
+    return planning.match_keep(_reduction_on(ctx), target, tuple(ctx.params.layers), selector, heads=heads, **kw)
 
 
-def tome_config(r: int, num_patches: int, depth: int, heads=(), selector: str = "tome") -> PruningConfig:
-    """ToMe's constant-r schedule (r merges in every block) as per-layer keep ratios."""
-    keeps, n = [], num_patches
-    for _ in range(depth):
-        r_eff = min(r, (n + 1) // 2, n - 1)  # never merge the last token away
-        keeps.append((n - r_eff) / n if n > 0 else 1.0)
-        n -= r_eff
-    return PruningConfig(layers=tuple(range(depth)), keep=tuple(keeps), selector=selector, heads=heads)
-
-
-def _match_tome(ctx: Context, target: float, selector: str = "tome") -> PruningConfig:
-    shape = ctx.shape
-    n, depth = shape.num_patches(), len(shape.blocks)
-    options = [tome_config(r, n, depth, selector=selector) for r in range(0, n // 2 + 1)]
-    return min(options, key=lambda c: abs(_reduction(ctx, c) - target))
-
-
-def _heads_for(ctx: Context, scores: torch.Tensor, target: float, base: PruningConfig | None = None
-               ) -> dict[int, tuple[int, ...]]:
-    """Remove the lowest-scored heads (at most H-1 per layer) until the FLOPs reduction is nearest `target`."""
-    base = base or PruningConfig()
-    flat = [(float(scores[l, h]), l, h) for l in range(scores.shape[0]) for h in range(scores.shape[1])
-            if not math.isnan(float(scores[l, h]))]
-    flat.sort()
-    removed: dict[int, list[int]] = {}
-    best = (abs(_reduction(ctx, base) - target), {})
-    limit = {l: b.heads - 1 for l, b in enumerate(ctx.shape.blocks)}
-    for _, l, h in flat:
-        if len(removed.get(l, [])) >= limit[l]:
-            continue
-        removed.setdefault(l, []).append(h)
-        heads = {k: tuple(v) for k, v in removed.items()}
-        gap = abs(_reduction(ctx, base.replace(heads=heads)) - target)
-        if gap < best[0]:
-            best = (gap, heads)
-        elif _reduction(ctx, base.replace(heads=heads)) > target:
-            break
-    return best[1]
+def _heads_for(ctx: Context, scores: torch.Tensor, target: float) -> dict[int, tuple[int, ...]]:
+    num_heads = {l: b.heads for l, b in enumerate(ctx.shape.blocks)}
+    return planning.heads_for_target(scores, target, _reduction_on(ctx), num_heads)
 
 
 def sweep_items(ctx: Context) -> list[Item]:
@@ -377,7 +337,9 @@ def sweep_items(ctx: Context) -> list[Item]:
                           reference.replace(selector=p.oracle_method, variant="abs"), subset=True))
         for peer in p.peers:
             schedule = catalogue.reducer(peer).schedule
-            config = (_match_tome(ctx, target, peer) if schedule == "constant_merge" else _match_keep(ctx, target, peer))
+            config = (planning.match_constant_merge(_reduction_on(ctx), target, ctx.shape.num_patches(),
+                                                    len(ctx.shape.blocks), peer)
+                      if schedule == "constant_merge" else _match_keep(ctx, target, peer))
             items.append(Item("token", peer, label, config))
     for target in p.head_targets:
         for method in p.head_methods:
