@@ -23,7 +23,8 @@ import torch
 import heart_lib  # noqa: F401  (before timm)
 import timm
 
-from heart_lib.flops import count_flops, counted_flops, match_keep
+from heart_lib.flops import count_flops, counted_flops
+from heart_lib.planning import match_keep
 from heart_lib.measure.fingerprint import fingerprint
 from heart_lib.paths import RESULTS_DIR
 from heart_lib.pruning import prune

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from heart_lib.flops import ViTShape, analytic_flops
-from heart_lib.pruning.config import PEER_METHODS, PruningConfig, token_plan
+from heart_lib import catalogue
+from heart_lib.pruning.config import PruningConfig, token_plan
 
 DEFAULT_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(15))  # 1.0, 0.95, ..., 0.3
 
@@ -47,13 +48,13 @@ class Calibration:
         """Build from HEART scores: tokens {l: [B, N]} (prefix included), heads [B, L, H]."""
         cost = {}
         for layer, s in token_scores.items():
-            loss = 0.5 * s[:, prefix:].double().clamp(min=0)
+            loss = catalogue.predicted_loss(s[:, prefix:].double())
             ordered = loss.sort(dim=1).values.cumsum(dim=1)
             cost[int(layer)] = np.concatenate([[0.0], ordered.mean(dim=0).numpy()])
         if head_scores is None:
             head = np.zeros((depth or 0, num_heads or 0))
         else:
-            head = (0.5 * head_scores.double().clamp(min=0)).nanmean(dim=0).numpy()
+            head = catalogue.predicted_loss(head_scores.double()).nanmean(dim=0).numpy()
         any_scores = next(iter(token_scores.values()), None)
         patches = int(any_scores.shape[1] - prefix) if any_scores is not None else 0
         images = int(any_scores.shape[0]) if any_scores is not None else int(head_scores.shape[0])
@@ -74,7 +75,7 @@ def predicted_loss(calibration: Calibration, config: PruningConfig, shape: ViTSh
     plan = token_plan(config, shape.num_patches(), len(shape.blocks), shape.prefix)
     tokens = 0.0
     n_in = shape.num_patches()
-    peer = config.selector in PEER_METHODS
+    peer = not catalogue.reducer(config.selector).drops
     for layer, (n_attn, n_mlp) in enumerate(plan):
         n_out = (n_mlp if peer else n_attn) - shape.prefix
         if layer in config.keep_map and n_out < n_in:

@@ -103,9 +103,47 @@ def validate(notebook: str, values: dict[str, Any]) -> Any:
     return params
 
 
+# Direct papermill runs (no `-p profile ...`) write here; `results/scratch/` is ignored by git, so a
+# trial run never overwrites a committed profile's results.
+SCRATCH_PROFILE = "scratch"
+_PLAIN = (bool, int, float, str, list, tuple, dict, type(None))
+_KERNEL_NAMES = {"In", "Out", "profile"}  # IPython's history holders, and the profile itself
+
+
+def parameters_cell(notebook: str) -> str:
+    """The source of a notebook's `parameters` cell: the profile, then every `Params` field with its
+    default, so the defaults have one source (`Params`) and papermill sees every parameter name."""
+    lines = [f"profile = {_literal(SCRATCH_PROFILE)}  # the runner passes the profile; direct papermill runs "
+             "write results/scratch/"]
+    for f in dataclasses.fields(params_class(notebook)):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"{f.name} = {_literal(default)}")
+    return "\n".join(lines)
+
+
+def _literal(value: Any) -> str:
+    """Python source of a default, strings in double quotes (the project's style)."""
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        inner = ", ".join(_literal(v) for v in value)
+        return f"[{inner}]" if isinstance(value, list) else f"({inner}{',' if len(value) == 1 else ''})"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_literal(k)}: {_literal(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
 def notebook_params(notebook: str, namespace: dict[str, Any]) -> Any:
-    """Validate the parameters a notebook received (its globals after the parameters cell)."""
+    """Validate the parameters a notebook received (its globals after the parameters cell).
+
+    A plain value in the namespace that is no parameter can only come from papermill's injected
+    cell (a misspelt `-p` name, which papermill merely warns about): it is an error here.
+    """
     names = {f.name for f in dataclasses.fields(params_class(notebook))}
+    stray = sorted(k for k, v in namespace.items() if not k.startswith("_") and k not in names | _KERNEL_NAMES
+                   and isinstance(v, _PLAIN))
+    if stray:
+        raise ConfigError(f"{notebook}: unknown parameter(s) {stray}; allowed: {sorted(names)}")
     return validate(notebook, {k: v for k, v in namespace.items() if k in names})
 
 

@@ -16,12 +16,13 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils import flop_counter
 
-from heart_lib.pruning.config import PEER_METHODS, PruningConfig, token_plan
+from heart_lib import catalogue
+from heart_lib.catalogue import FlopsSite
+from heart_lib.pruning.config import PruningConfig, kept_tokens, token_plan
 
 
 @dataclass(frozen=True)
@@ -113,41 +114,31 @@ def analytic_flops(shape: ViTShape, config: PruningConfig | None = None, image_s
         raise ValueError(f"counts has {len(counts)} entries for {depth} blocks")
     patch = 2 * n_patches * shape.dim * shape.in_chans * shape.patch_size[0] * shape.patch_size[1]
     per_block = [block_flops(b, na, nm) for b, (na, nm) in zip(shape.blocks, counts)]
-    selector = 0
+    # The reducer's own work (scoring, matching) where it actually reduces tokens; its catalogue entry counts it.
+    entry = catalogue.reducer(config.selector)
+    hidden = gate_hidden if gate_hidden is not None else 64
     keep = config.keep_map
     inputs = [n_patches + shape.prefix] + [nm for _, nm in counts[:-1]]  # tokens entering each block
+    selector = 0
     for layer in config.layers:
-        b = shape.blocks[layer]
-        n_attn, n_mlp = counts[layer]
-        if config.selector == "cls_attention":
-            prev = shape.blocks[layer - 1]
-            n_prev = counts[layer - 1][0]
-            if _reduces(inputs[layer], shape, keep[layer], config):
-                selector += 2 * prev.heads * n_prev * prev.head_dim
-        elif config.selector == "gate":
-            hidden = gate_hidden if gate_hidden is not None else 64
-            if _reduces(inputs[layer], shape, keep[layer], config):
-                selector += 2 * inputs[layer] * (shape.dim * hidden + hidden)
-        elif config.selector == "evit" and n_mlp < n_attn:
-            selector += 2 * b.heads * n_attn * b.head_dim
-        elif config.selector == "tome" and n_mlp < n_attn:
-            body = n_attn - shape.prefix
-            selector += 2 * ((body + 1) // 2) * (body // 2) * b.head_dim
+        n_in = inputs[layer] if entry.drops else counts[layer][0]
+        if _reduces(n_in - shape.prefix, keep[layer], config):
+            selector += entry.extra_flops(FlopsSite(shape, layer, counts, n_in, hidden))
     head = sum(2 * i * o for i, o in shape.head_linears)
     blocks_total = sum(sum(d.values()) for d in per_block)
     return {"total": patch + blocks_total + head + selector, "patch_embed": patch, "blocks": blocks_total,
             "head": head, "selector": selector, "per_block": per_block, "counts": counts}
 
 
-def _reduces(n_in: int, shape: ViTShape, keep: float, config: PruningConfig) -> bool:
-    """Whether a drop layer actually removes tokens (the wrapper skips scoring when it does not)."""
-    from heart_lib.pruning.config import kept_tokens
-
-    body = n_in - shape.prefix
+def _reduces(body: int, keep: float, config: PruningConfig) -> bool:
+    """Whether a reduction layer actually removes tokens (the wrapper skips scoring when it does not)."""
     return kept_tokens(body, keep, config.selector, config.fuse) < body or config.per_input_budget is not None
 
 
-def _base_shape(base: nn.Module | str) -> ViTShape:
+def base_shape(base: "nn.Module | str | ViTShape") -> ViTShape:
+    """The shape of a model, a timm model name (built on the meta device) or a shape itself."""
+    if isinstance(base, ViTShape):
+        return base
     if isinstance(base, nn.Module):
         return vit_shape(base)
     import timm
@@ -187,11 +178,11 @@ def count_flops(model_or_config: nn.Module | PruningConfig | str, image_size: in
         config = PruningConfig.parse(model_or_config)
         if base is None:
             raise ValueError("count_flops(config) needs base=<model or timm model name> for the architecture")
-        shape = _base_shape(base)
+        shape = base_shape(base)
         depth = len(shape.blocks)
         config.check(depth=depth, num_heads={i: b.heads for i, b in enumerate(shape.blocks)})
         hidden = gate_hidden
-        if config.selector == "gate" and config.gate and hidden is None:
+        if "gate" in catalogue.reducer(config.selector).needs and config.gate and hidden is None:
             from heart_lib.pruning.selectors import TokenGateSet
             hidden = TokenGateSet.load(config.gate).hidden
         result = analytic_flops(shape.without_heads(config.head_map), config, image_size, gate_hidden=hidden)
@@ -224,20 +215,3 @@ def counted_flops(model: nn.Module, image_size: int | None = None, batch: int = 
 def flops_reduction(pruned: int, dense: int) -> float:
     """Fraction of FLOPs removed."""
     return 1.0 - pruned / dense
-
-
-def match_keep(base: nn.Module | str, target: float, layers: tuple[int, ...], selector: str = "cls_attention",
-               step: float = 0.005, **config_kw: Any) -> PruningConfig:
-    """The symmetric keep ratio (on a `step` grid) whose FLOPs reduction on `base` is nearest `target`."""
-    if not 0 <= target < 1:
-        raise ValueError(f"target = {target}: a FLOPs reduction must lie in [0, 1)")
-    shape = _base_shape(base)
-    dense = analytic_flops(shape, None)["total"]
-    best = None
-    for keep in np.arange(1.0, step / 2, -step):
-        config = PruningConfig(layers=tuple(layers), keep=(round(float(keep), 4),), selector=selector, **config_kw)
-        sliced = shape.without_heads(config.head_map)
-        reduction = 1 - analytic_flops(sliced, config)["total"] / dense
-        if best is None or abs(reduction - target) < best[0] - 1e-12:
-            best = (abs(reduction - target), config)
-    return best[1]

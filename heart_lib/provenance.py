@@ -1,10 +1,18 @@
-"""Content digests of what results depend on: the library's source and the pinned packages."""
+"""Content digests of what results depend on: the library's source and the pinned packages.
+
+`code_digest(*modules)` digests only the heart_lib modules that `modules` depend on: the transitive
+closure of their heart_lib imports, read with `ast` (imports inside functions included, and the
+`__init__` of every package on the way, since importing a submodule runs them). Caches and the
+runner's notebook keys use it, so an edit to an unrelated module invalidates nothing.
+"""
 
 from __future__ import annotations
 
+import ast
 import hashlib
 from functools import lru_cache
 from pathlib import Path
+from typing import Iterable
 
 from heart_lib.paths import PROJECT_ROOT
 
@@ -35,3 +43,73 @@ def requirements_digest() -> str:
     """Digest of the pinned environment (requirements.txt)."""
     req = PROJECT_ROOT / "requirements.txt"
     return hashlib.sha256(req.read_bytes()).hexdigest() if req.is_file() else "none"
+
+
+PACKAGE = "heart_lib"
+
+
+def module_file(name: str) -> Path | None:
+    """The source file of heart_lib module `name` (a package's `__init__.py`), or None."""
+    parts = name.split(".")
+    if parts[0] != PACKAGE:
+        return None
+    base = LIBRARY_DIR.joinpath(*parts[1:])
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def imported_modules(source: str, module: str = PACKAGE) -> set[str]:
+    """heart_lib modules that `source` (of module `module`) imports anywhere, lazily or not."""
+    found: set[str] = set()
+    package = module if module_file(module) and module_file(module).name == "__init__.py" else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == PACKAGE)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against this module's package
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{anchor}.{node.module}" if node.module else anchor
+            else:
+                base = node.module or ""
+            if base.split(".")[0] != PACKAGE:
+                continue
+            found.add(base)
+            # `from heart_lib import data` imports a module, `from heart_lib.x import f` a name
+            found.update(f"{base}.{a.name}" for a in node.names if module_file(f"{base}.{a.name}"))
+    return {m for m in found if module_file(m)}
+
+
+@lru_cache(maxsize=None)
+def module_closure(*roots: str) -> frozenset[str]:
+    """`roots` and every heart_lib module they import, transitively, with their parent packages."""
+    todo, seen = list(roots), set()
+    while todo:
+        name = todo.pop()
+        if name in seen or module_file(name) is None:
+            continue
+        seen.add(name)
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # the packages' __init__ run too
+        todo += sorted(imported_modules(module_file(name).read_text(), name))
+    unknown = [r for r in roots if module_file(r) is None]
+    if unknown:
+        raise ValueError(f"modules {unknown} are not heart_lib modules")
+    return frozenset(seen)
+
+
+def code_digest(*roots: str) -> str:
+    """Digest of the source of `roots` and every heart_lib module they depend on (see module docstring)."""
+    return digest_files([module_file(m) for m in module_closure(*roots)], LIBRARY_DIR)
+
+
+def modules_in(source: str) -> tuple[str, ...]:
+    """heart_lib modules a piece of code (a notebook's cells) imports."""
+    return tuple(sorted(imported_modules(source)))
+
+
+def notebook_modules(code_cells: Iterable[str]) -> tuple[str, ...]:
+    """heart_lib modules imported by a notebook's code cells (IPython magics skipped)."""
+    lines = [line for cell in code_cells for line in cell.splitlines() if not line.lstrip().startswith(("%", "!"))]
+    return modules_in("\n".join(lines))

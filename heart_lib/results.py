@@ -7,6 +7,7 @@ interrupted run never leaves a half-written file that a later run would trust.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import datetime as _dt
 import json
 import os
@@ -151,3 +152,27 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (set, tuple)):
         return list(value)
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+# ---------------------------------------------------------------------------------------------
+# caches of raw intermediates (one rule for every stage)
+
+
+def cache_key(stage: str, params: Any, modules: tuple[str, ...]) -> str:
+    """The one cache rule: a digest of the stage's name, its parameters (a JSON-able mapping) and the
+    source of the heart_lib modules the stage depends on (`provenance.code_digest`): no hand-bumped
+    versions, and an edit to an unrelated module keeps the cache."""
+    from heart_lib.provenance import code_digest
+
+    blob = json.dumps({"stage": stage, "params": params, "code": code_digest(*modules)},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cache_folder(stage: str, params: Any, modules: tuple[str, ...]) -> Path:
+    """`HEART_CACHE/<stage>/<cache_key>/`, created: raw intermediates live there, never in results/."""
+    from heart_lib.paths import cache_dir
+
+    folder = cache_dir() / stage / cache_key(stage, params, modules)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

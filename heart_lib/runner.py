@@ -1,11 +1,12 @@
 """Execute a profile's notebooks with papermill, re-running only what changed.
 
 A notebook's *key* is a digest of everything its output depends on: the notebook source, its
-parameters, the library's source and the pinned packages (the claims summary also depends on the
-other notebooks' keys, since it reads their results). An executed notebook is stored as
-`results/<profile>/<name>.ipynb` with its key and the digests of the files it wrote in
-`results/<profile>/<name>/` in the metadata; it is re-executed when the key changes or those files
-no longer match.
+parameters, the source of the heart_lib modules its experiment module and its cells import
+(transitively, `provenance.code_digest`; an edit to an unrelated module re-runs nothing) and the
+pinned packages (the claims summary also depends on the other notebooks' keys, since it reads
+their results). An executed notebook is stored as `results/<profile>/<name>.ipynb` with its key and
+the digests of the files it wrote in `results/<profile>/<name>/` in the metadata; it is re-executed
+when the key changes or those files no longer match.
 
 Nothing is half-written: each notebook writes into a staging copy of its chapter folder, swapped in
 whole (with the executed notebook) only when it succeeds; a failure or a signal leaves the previous
@@ -37,7 +38,7 @@ import nbformat
 from heart_lib import config
 from heart_lib.data import sha256_file
 from heart_lib.paths import PROJECT_ROOT, results_root
-from heart_lib.provenance import library_digest, requirements_digest
+from heart_lib.provenance import code_digest, notebook_modules, requirements_digest
 from heart_lib.results import STAGE_FOR_ENV, STAGE_TO_ENV, ResultsNotWritable, file_mode, write_json
 
 KERNEL = "python3"
@@ -77,6 +78,13 @@ def input_digest(profile: str, name: str) -> str:
     return h.hexdigest()
 
 
+def notebook_code(name: str) -> tuple[str, ...]:
+    """heart_lib modules a notebook runs: its experiment module and what its code cells import."""
+    cells = [cell.source for cell in nbformat.read(config.NOTEBOOKS_DIR / f"{name}.ipynb", as_version=4).cells
+             if cell.cell_type == "code"]
+    return tuple(sorted({f"heart_lib.experiments.{name}", "heart_lib.config", *notebook_modules(cells)}))
+
+
 def notebook_key(profile: str, name: str, upstream: tuple[str, ...] = ()) -> str:
     """Digest of what the executed notebook depends on."""
     h = hashlib.sha256()
@@ -85,7 +93,7 @@ def notebook_key(profile: str, name: str, upstream: tuple[str, ...] = ()) -> str
         name,
         (config.NOTEBOOKS_DIR / f"{name}.ipynb").read_bytes().decode(),
         json.dumps(config.raw_profile_params(profile, name), sort_keys=True),
-        library_digest(),
+        code_digest(*notebook_code(name)),
         requirements_digest(),
         input_digest(profile, name),
         *upstream,

@@ -42,8 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from heart_lib import checks, curvature
+from heart_lib import catalogue, checks, curvature
 from heart_lib._compat import non_fused_attention
+from heart_lib.catalogue import VARIANTS, Recording, apply_variant
 from heart_lib.gates import BlockRunner, GateSet, attach_gates, check_layers, num_prefix_tokens, vit_info
 
 __all__ = [
@@ -52,13 +53,10 @@ __all__ = [
     "leave_one_out_tokens", "leave_one_out_heads", "apply_variant", "NonFiniteLossError", "gate_eigenpair",
 ]
 
-METHODS = ("heart", "heart_hutchinson", "heart_exact", "second_order", "taylor", "fisher", "cls_attention",
-           "norm", "random")
+METHODS = tuple(catalogue.SCORES)  # every score of the catalogue (a registered one included at import)
 LOSSES = ("true", "pseudo", "kl")
 SCOPES = ("layer", "global")
 CURVATURES = ("single", "hutchinson", "exact")
-VARIANTS = ("raw", "abs", "clamp")
-_CURVATURE_OF = {"heart": "single", "heart_hutchinson": "hutchinson", "heart_exact": "exact"}
 
 
 class NonFiniteLossError(ValueError):
@@ -120,16 +118,6 @@ def per_image_loss(logits: torch.Tensor, loss: str, labels: torch.Tensor | None 
         return F.cross_entropy(logits, reference.argmax(-1), reduction="none")
     ref_logp = reference.log_softmax(-1)
     return (ref_logp.exp() * (ref_logp - logits.log_softmax(-1))).sum(-1)
-
-
-def apply_variant(scores: torch.Tensor, variant: str) -> torch.Tensor:
-    """raw S, |S| or max(S, 0) (negative curvature clamped to zero)."""
-    _check_choice("variant", variant, VARIANTS)
-    if variant == "abs":
-        return scores.abs()
-    if variant == "clamp":
-        return scores.clamp_min(0)
-    return scores
 
 
 @contextlib.contextmanager
@@ -339,23 +327,6 @@ def _recordings(model: nn.Module, images: torch.Tensor, token_layers: tuple[int,
     return gates
 
 
-def _token_cls_attention(attn: torch.Tensor, has_class_token: bool) -> torch.Tensor:
-    """[B, H, N, N] -> [B, N]: attention the class token pays to each token, mean over heads."""
-    if has_class_token:
-        return attn[:, :, 0, :].mean(1)
-    return attn.mean(2).mean(1)  # no class token (e.g. global-pool register models): mean over queries
-
-
-def _head_cls_attention(attn: torch.Tensor, has_class_token: bool) -> torch.Tensor:
-    """[B, H, N, N] -> [B, H]: negative entropy of the class token's attention (focused heads high)."""
-    rows = attn[:, :, 0, :] if has_class_token else attn.mean(2)
-    return (rows * rows.clamp_min(1e-30).log()).sum(-1)
-
-
-def _random(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-    return torch.rand(shape, generator=generator)
-
-
 # ---------------------------------------------------------------------------------------------
 # public scoring API
 
@@ -381,7 +352,7 @@ def score_components(model: nn.Module, images: torch.Tensor, *, layers: Iterable
     `curvature` selects the H_cc estimate inside method="second_order" ("single", "hutchinson",
     "exact"); `variant` ("raw", "abs", "clamp") transforms the curvature of the heart* methods.
     """
-    _check_choice("method", method, METHODS)
+    entry = catalogue.score(method)
     _check_choice("variant", variant, VARIANTS)
     _check_choice("curvature", curvature, CURVATURES)
     _check_images(images)
@@ -394,42 +365,32 @@ def score_components(model: nn.Module, images: torch.Tensor, *, layers: Iterable
         raise ValueError("nothing to score: give layers and/or heads=True")
     batch = images.shape[0]
 
-    if method in ("cls_attention", "norm", "random"):
+    if entry.heuristic is not None:
         _check_labels(loss, labels, batch)  # same contract as the derivative methods
-        if method == "random":
-            generator = torch.Generator().manual_seed(seed)
-            n_tokens = _token_count(model, images)
-            tok = {l: _random((batch, n_tokens), generator) for l in token_layers}
-            hd = [_random((batch, info.num_heads[l]), generator) for l in head_layers]
-        else:
-            rec = _recordings(model, images, token_layers, head_layers)
-            if method == "norm":
-                tok = {l: rec.tokens[l].float().norm(dim=-1) for l in token_layers}
-                hd = [rec.heads[l].float().transpose(1, 2).flatten(2).norm(dim=-1) for l in head_layers]
-            else:
-                missing = [l for l in set(token_layers) | set(head_layers) if l not in rec.attention]
-                if missing:
-                    raise ValueError(f"cls_attention: no attention probabilities recorded for blocks {missing} "
-                                     "(the model's attention does not expose timm's attn_drop on its explicit path)")
-                tok = {l: _token_cls_attention(rec.attention[l].float(), info.has_class_token) for l in token_layers}
-                hd = [_head_cls_attention(rec.attention[l].float(), info.has_class_token) for l in head_layers]
+        rec = _recordings(model, images, token_layers, head_layers) if entry.recording else None
+        if entry.recording == "attention":
+            missing = [l for l in set(token_layers) | set(head_layers) if l not in rec.attention]
+            if missing:
+                raise ValueError(f"{method}: no attention probabilities recorded for blocks {missing} "
+                                 "(the model's attention does not expose timm's attn_drop on its explicit path)")
+        recording = Recording(tokens=rec.tokens if rec else {}, heads=rec.heads if rec else {},
+                              attention=rec.attention if rec else {}, has_class_token=info.has_class_token,
+                              generator=torch.Generator().manual_seed(seed), batch=batch,
+                              n_tokens=_token_count(model, images) if rec is None else 0,
+                              num_heads=dict(enumerate(info.num_heads)))
+        tok = {l: entry.heuristic(recording, "tokens", l) for l in token_layers}
+        hd = [entry.heuristic(recording, "heads", l) for l in head_layers]
         checks.require_finite_scores(tok, hd, method)
         return Scores(tok, _stack_heads(hd) if heads else None, info.num_prefix_tokens, method)
 
-    estimator = {"taylor": None, "fisher": None, "second_order": curvature}.get(method, _CURVATURE_OF.get(method))
+    estimator = curvature if entry.curvature == "chosen" else entry.curvature
     deriv = gate_derivatives(model, images, token_layers=token_layers, head_layers=head_layers, loss=loss,
-                             labels=labels, curvature_estimator=estimator, probes=probes, seed=seed, scope=scope,
-                             mode=mode)
+                             labels=labels, curvature_estimator=estimator, probes=probes, seed=seed,
+                             scope=entry.scope or scope, mode=mode)
 
     def score(key):
-        g = deriv.grad[key]
-        if method == "taylor":
-            return g.abs()
-        if method == "fisher":
-            return g.square()
-        if method == "second_order":
-            return -g + 0.5 * deriv.curvature[key]
-        return apply_variant(deriv.curvature[key], variant)
+        value = entry.formula(deriv.grad[key], deriv.curvature.get(key))
+        return apply_variant(value, variant) if variant in entry.variants else value
 
     tok = {l: score(("token", l)).detach().cpu() for l in token_layers}
     hd = [score(("head", l)).detach().cpu() for l in head_layers]

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from heart_lib import config
-from heart_lib.experiments.finetune import Params, choose_heads, paired_difference
+from heart_lib.experiments.finetune import Params
+from heart_lib.planning import lowest_heads as choose_heads
+from heart_lib.stats import paired_difference
 
 
 def test_choose_heads_takes_lowest_and_keeps_one_per_layer():
@@ -16,7 +18,7 @@ def test_choose_heads_takes_lowest_and_keeps_one_per_layer():
     # Layer 2 holds the three lowest, but one head of it must stay.
     assert choose_heads(scores, 3) == {1: (2,), 2: (0, 1)}
     assert choose_heads(scores, 6) == {0: (0, 1), 1: (0, 2), 2: (0, 1)}
-    with pytest.raises(ValueError, match="joint_heads = 7"):
+    with pytest.raises(ValueError, match="count = 7"):
         choose_heads(scores, 7)
 
 

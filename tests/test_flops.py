@@ -88,7 +88,7 @@ def test_image_size_and_config_errors():
 
 
 def test_match_keep_hits_the_target():
-    from heart_lib.flops import match_keep
+    from heart_lib.planning import match_keep
 
     dense = count_flops("", base="deit_tiny_patch16_224")
     for target in (0.25, 0.494):

@@ -331,7 +331,7 @@ def test_unit_rowwise_rank_correlations_match_scipy():
     import numpy as np
     from scipy import stats as st
 
-    from heart_lib.experiments.sensitivity import rowwise_kendall, rowwise_spearman
+    from heart_lib.stats import rowwise_kendall, rowwise_spearman
 
     rng = np.random.default_rng(0)
     a = rng.normal(size=(4, 25))

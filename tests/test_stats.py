@@ -28,3 +28,28 @@ def test_bootstrap_covers_the_mean():
     values = np.random.default_rng(1).normal(3.0, 1.0, 400)
     lo, hi = bootstrap_ci(values, seed=0)
     assert lo < values.mean() < hi and hi - lo < 0.3
+
+
+def test_mean_interval_skips_nan_and_brackets_the_mean():
+    import numpy as np
+
+    from heart_lib.stats import mean_interval, paired_difference
+
+    values = np.array([0.1, 0.4, np.nan, 0.3, 0.9, 0.2])
+    mean, lo, hi = mean_interval(values, 500, seed=3)
+    assert mean == np.nanmean(values) and lo <= mean <= hi and lo < hi
+    assert all(np.isnan(mean_interval(np.array([np.nan]))))
+    # a paired difference is the bootstrap mean of the differences, resampled together
+    after, before = np.array([1, 1, 0, 1.0]), np.array([0, 1, 0, 0.0])
+    assert paired_difference(after, before, 500, seed=3) == mean_interval(after - before, 500, seed=3)
+
+
+def test_pooled_rank_correlation_of_a_perfect_score():
+    import numpy as np
+
+    from heart_lib.stats import pooled_rank_correlation
+
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=(20, 3, 4))
+    out = pooled_rank_correlation(truth * 2 + 1, truth, n_boot=50)
+    assert out["spearman"] == 1.0 and out["kendall"] == 1.0 and out["spearman_lo"] == 1.0

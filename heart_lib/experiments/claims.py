@@ -18,11 +18,23 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from heart_lib import catalogue
 from heart_lib.paths import PROJECT_ROOT, results_root
 
 VERDICTS = ("reproduced", "not reproduced", "inconclusive", "not testable here")
-HEART_SCORES = ("heart", "heart_hutchinson", "heart_exact", "heart_global", "second_order")
-OTHER_SCORES = ("taylor", "fisher", "cls_attention", "norm", "random")
+
+
+def c1_families() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """C1's two sides from the catalogue: second-order scores (those using curvature) against the
+    others, each computed on every image (per-component scores run on a few images only)."""
+    everywhere = {n: e for n, e in catalogue.SCORES.items() if not e.per_component}
+    return (tuple(n for n, e in everywhere.items() if e.second_order),
+            tuple(n for n, e in everywhere.items() if not e.second_order))
+
+
+def curvature_only_score() -> str:
+    """HEART's own score: the primary entry of the curvature-only family."""
+    return next(n for n, e in catalogue.SCORES.items() if e.family == "heart" and e.primary)
 
 
 @dataclass(frozen=True)
@@ -80,8 +92,9 @@ def _best_by_family(table: pd.DataFrame, component_prefix: str) -> tuple[pd.Seri
     rows = table[table["component"].str.startswith(component_prefix)]
     if "aggregation" in rows:
         rows = rows[rows["aggregation"].str.contains("per image", na=False)]
-    heart = rows[rows["score"].isin(HEART_SCORES)]
-    other = rows[rows["score"].isin(OTHER_SCORES)]
+    second_order, others = c1_families()
+    heart = rows[rows["score"].isin(second_order)]
+    other = rows[rows["score"].isin(others)]
     if heart.empty or other.empty:
         return None
     return heart.loc[heart["spearman"].idxmax()], other.loc[other["spearman"].idxmax()]
@@ -90,7 +103,7 @@ def _best_by_family(table: pd.DataFrame, component_prefix: str) -> tuple[pd.Seri
 def _curvature_only(table: pd.DataFrame, component_prefix: str, other: pd.Series) -> str:
     """HEART's own score (curvature term only, single probe, raw), beside the best other score: the
     best second-order score may be the full -g + S/2, which HEART does not use."""
-    rows = table[table["component"].str.startswith(component_prefix) & (table["score"] == "heart")]
+    rows = table[table["component"].str.startswith(component_prefix) & (table["score"] == curvature_only_score())]
     if "variant" in rows:
         rows = rows[rows["variant"] == "raw"]
     if "aggregation" in rows:

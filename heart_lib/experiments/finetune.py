@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -36,8 +34,9 @@ from heart_lib.finetune import TrainConfig, image_transform, materialize, model_
 from heart_lib.finetune.recipe import AMP_MODES
 from heart_lib.flops import count_flops
 from heart_lib.paths import cache_dir
+from heart_lib.planning import lowest_heads
 from heart_lib.pruning import PruningConfig, prune
-from heart_lib.stats import wilson_interval
+from heart_lib.stats import paired_difference, wilson_interval
 
 SETTINGS = ("unpruned", "tokens", "joint")
 EXPERIMENTS = ("transfer", "imagenet")
@@ -66,12 +65,12 @@ class Params:
     transfer: bool = True
     transfer_train: str = "cifar10-train"
     transfer_test: str = "cifar10-test"
-    transfer_train_limit: int | None = 5000
+    transfer_train_limit: int | None = 3000
     transfer_test_limit: int | None = 2000
     transfer_image_size: int | None = 64  # None = the model's own
     transfer_epochs: int = 2  # unpruned model, new head: ImageNet -> CIFAR-10
     recovery_epochs: int = 1  # then each pruned model and the unpruned control
-    transfer_lr: float = 5e-4
+    transfer_lr: float = 3e-4
     recovery_lr: float = 1e-4
     transfer_distill_alpha: float = 0.0  # distillation from the transferred unpruned model in recovery
     # (b) ImageNet recovery by distillation
@@ -80,7 +79,7 @@ class Params:
     imagenet_test: str = "imagenet-val-1300"
     imagenet_train_limit: int | None = None
     imagenet_test_limit: int | None = None
-    imagenet_image_size: int | None = 96
+    imagenet_image_size: int | None = 112
     imagenet_epochs: int = 2
     imagenet_lr: float = 5e-5
     distill_alpha: float = 0.9
@@ -143,46 +142,13 @@ class Params:
                            workers=self.workers, eval_every_epoch=self.eval_each_epoch)
 
     def key(self) -> str:
-        """Digest of the parameters and the library's code: names the checkpoint folder."""
-        from heart_lib.provenance import library_digest
+        """The cache key of the runs (parameters + the code they run): names the checkpoint folder."""
+        from heart_lib.results import cache_key
 
-        text = json.dumps(dataclasses.asdict(self), sort_keys=True) + library_digest()
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return cache_key("finetune-runs", dataclasses.asdict(self), (__name__,))
 
 
 # ---------------------------------------------------------------------------------------- maths
-
-def choose_heads(scores: torch.Tensor, count: int) -> dict[int, tuple[int, ...]]:
-    """The `count` lowest-scored heads of a [layers, heads] score table, at most heads−1 per layer."""
-    layers, heads = scores.shape
-    if not 1 <= count <= layers * (heads - 1):
-        raise ValueError(f"joint_heads = {count}: must be in [1, {layers * (heads - 1)}] for {layers} layers of "
-                         f"{heads} heads (at least one head stays in every layer)")
-    order = sorted((float(scores[l, h]), l, h) for l in range(layers) for h in range(heads))
-    removed: dict[int, list[int]] = {}
-    for _, l, h in order:
-        if len(removed.get(l, [])) < heads - 1:
-            removed.setdefault(l, []).append(h)
-            count -= 1
-            if count == 0:
-                break
-    return {l: tuple(sorted(v)) for l, v in sorted(removed.items())}
-
-
-def paired_difference(after: np.ndarray, before: np.ndarray, n_resamples: int = 2000, seed: int = 0,
-                      confidence: float = 0.95) -> tuple[float, float, float]:
-    """Mean of after − before over the same images, with a paired percentile bootstrap interval
-    (images resampled with replacement, both models' outcomes kept together)."""
-    a, b = np.asarray(after, dtype=float), np.asarray(before, dtype=float)
-    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
-        raise ValueError(f"paired outcomes must be two equal-length vectors, got shapes {a.shape} and {b.shape}")
-    diff = a - b
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(diff), size=(n_resamples, len(diff)))
-    means = diff[idx].mean(axis=1)
-    alpha = (1 - confidence) / 2
-    return float(diff.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
-
 
 # ---------------------------------------------------------------------------------------- runs
 
@@ -222,7 +188,10 @@ def _head_scores(model, images: torch.Tensor, params: Params, chunk: int = 16) -
 
 def pruning_settings(params: Params, dense, calib_images: torch.Tensor) -> dict[str, PruningConfig | None]:
     tokens = params.token_config()
-    heads = choose_heads(_head_scores(dense.eval(), calib_images, params), params.joint_heads)
+    try:
+        heads = lowest_heads(_head_scores(dense.eval(), calib_images, params), params.joint_heads)
+    except ValueError as err:
+        raise ValueError(f"parameter 'joint_heads': {err}") from None
     return {"unpruned": None, "tokens": tokens, "joint": tokens.replace(heads=tuple(heads.items()))}
 
 

@@ -14,8 +14,6 @@ Every row carries analytic FLOPs of what ran, and accuracy with Wilson intervals
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,15 +25,31 @@ import torch
 import torch.nn.functional as F
 from heart_lib.progress import progress
 
-from heart_lib import data, models, results
+from heart_lib import catalogue, data, models, planning, results
 from heart_lib.budget import Calibration, predicted_loss, schedule_for_budget
 from heart_lib.flops import count_flops, counted_flops, vit_shape
-from heart_lib.pruning import DROP_SELECTORS, PEER_METHODS, PruningConfig, prune, train_token_gate
+from heart_lib.pruning import PruningConfig, prune, train_token_gate
 from heart_lib.pruning.selectors import TokenGateSet, block_inputs, gate_rank_agreement
 from heart_lib.stats import wilson_interval
 
-SWEEP_VERSION = 1  # bump when the sweep's meaning changes, so cached tables are not reused
-HEAD_METHODS = ("heart", "heart_hutchinson", "taylor", "second_order", "fisher", "norm", "cls_attention", "random")
+
+
+def head_methods() -> tuple[str, ...]:
+    """Scores that rank heads and are cheap enough for calibration (not one HVP per component)."""
+    return tuple(n for n, e in catalogue.SCORES.items() if "heads" in e.acts_on and not e.per_component)
+
+
+def token_selectors() -> tuple[str, ...]:
+    """Drop selectors the sweep runs on every image (the oracle runs separately, see oracle_method)."""
+    return tuple(n for n, e in catalogue.REDUCERS.items() if e.drops and "oracle" not in e.needs)
+
+
+def _uses_gate(selector: str) -> bool:
+    return "gate" in catalogue.reducer(selector).needs
+
+
+def _uses_oracle(selector: str) -> bool:
+    return "oracle" in catalogue.reducer(selector).needs
 
 
 @dataclass(frozen=True)
@@ -88,28 +102,33 @@ class Params:
             for t in getattr(self, name):
                 if not 0 <= t < 1:
                     raise ValueError(f"parameter {name!r} has {t}: FLOPs reductions must lie in [0, 1)")
-        bad = [s for s in self.token_selectors if s not in DROP_SELECTORS or s in ("heart", "heart_hutchinson", "heart_exact")]
+        allowed = token_selectors()
+        bad = [s for s in self.token_selectors if s not in allowed]
         if bad:
-            raise ValueError(f"parameter 'token_selectors' has {bad}: allowed {['gate', 'cls_attention', 'norm', 'random']} "
+            raise ValueError(f"parameter 'token_selectors' has {bad}: allowed {list(allowed)} "
                              "(the oracle runs separately, see oracle_method)")
-        if any(p not in PEER_METHODS for p in self.peers):
-            raise ValueError(f"parameter 'peers' = {self.peers}: allowed {list(PEER_METHODS)}")
-        if self.calib_method not in ("heart", "heart_hutchinson", "heart_exact"):
-            raise ValueError(f"parameter 'calib_method' = {self.calib_method!r}: allowed heart, heart_hutchinson, heart_exact")
-        if self.oracle_method not in ("heart", "heart_hutchinson", "heart_exact"):
-            raise ValueError(f"parameter 'oracle_method' = {self.oracle_method!r}: allowed heart, heart_hutchinson, heart_exact")
-        if any(m not in HEAD_METHODS for m in self.head_methods):
-            raise ValueError(f"parameter 'head_methods' = {self.head_methods}: allowed {list(HEAD_METHODS)}")
-        if any(s not in self.token_selectors + ["heart"] for s in self.joint_selectors):
-            raise ValueError(f"parameter 'joint_selectors' = {self.joint_selectors}: must be among token_selectors")
+        peers = catalogue.reducers(where="after_attention")
+        if any(p not in peers for p in self.peers):
+            raise ValueError(f"parameter 'peers' = {self.peers}: allowed {list(peers)}")
+        oracles = catalogue.oracle_reducers()
+        for name in ("calib_method", "oracle_method"):
+            if getattr(self, name) not in oracles:
+                raise ValueError(f"parameter {name!r} = {getattr(self, name)!r}: allowed {', '.join(oracles)}")
+        if any(m not in head_methods() for m in self.head_methods):
+            raise ValueError(f"parameter 'head_methods' = {self.head_methods}: allowed {list(head_methods())}")
+        if any(s not in self.token_selectors + list(oracles) for s in self.joint_selectors):
+            raise ValueError(f"parameter 'joint_selectors' = {self.joint_selectors}: must be among token_selectors "
+                             f"or the oracles {list(oracles)}")
         if any(b < 0 for b in self.budgets + self.per_input_budgets):
             raise ValueError("budgets must be non-negative")
 
+    def stage_params(self) -> dict[str, Any]:
+        """What the sweep's numbers depend on (not `reuse`)."""
+        return {k: v for k, v in asdict(self).items() if k != "reuse"}
+
     def key(self) -> str:
-        """Digest of everything the sweep's numbers depend on (not `reuse`)."""
-        values = {k: v for k, v in asdict(self).items() if k != "reuse"}
-        blob = json.dumps({"v": SWEEP_VERSION, **values}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        """The cache key of the sweep: its parameters and the code it runs (`results.cache_key`)."""
+        return results.cache_key("pruning", self.stage_params(), (__name__,))
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -183,11 +202,7 @@ def _scores_in_batches(model, images, labels, params: Params, layers, heads: boo
 
 
 def _cache_folder(params: Params) -> Path:
-    from heart_lib.paths import cache_dir
-
-    folder = cache_dir() / "pruning" / params.key()
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    return results.cache_folder("pruning", params.stage_params(), (__name__,))
 
 
 def prepare(params: Params) -> Context:
@@ -291,56 +306,17 @@ def _reduction(ctx: Context, config: PruningConfig) -> float:
     return 1.0 - count_flops(config, base=ctx.model, gate_hidden=ctx.params.gate_hidden) / ctx.dense_flops
 
 
+def _reduction_on(ctx: Context):
+    return lambda config: _reduction(ctx, config)
+
+
 def _match_keep(ctx: Context, target: float, selector: str, heads=(), **kw) -> PruningConfig:
-    """The symmetric keep ratio (step 0.005) whose FLOPs reduction is nearest `target`."""
-    best = None
-    for keep in np.arange(1.0, 0.05, -0.005):
-        config = PruningConfig(layers=tuple(ctx.params.layers), keep=(round(float(keep), 3),), selector=selector,
-                               heads=heads, **kw)
-        gap = abs(_reduction(ctx, config) - target)
-        if best is None or gap < best[0] - 1e-12:
-            best = (gap, config)
-    return best[1]
+    return planning.match_keep(_reduction_on(ctx), target, tuple(ctx.params.layers), selector, heads=heads, **kw)
 
 
-def tome_config(r: int, num_patches: int, depth: int, heads=()) -> PruningConfig:
-    """ToMe's constant-r schedule (r merges in every block) as per-layer keep ratios."""
-    keeps, n = [], num_patches
-    for _ in range(depth):
-        r_eff = min(r, (n + 1) // 2, n - 1)  # never merge the last token away
-        keeps.append((n - r_eff) / n if n > 0 else 1.0)
-        n -= r_eff
-    return PruningConfig(layers=tuple(range(depth)), keep=tuple(keeps), selector="tome", heads=heads)
-
-
-def _match_tome(ctx: Context, target: float) -> PruningConfig:
-    shape = ctx.shape
-    n, depth = shape.num_patches(), len(shape.blocks)
-    options = [tome_config(r, n, depth) for r in range(0, n // 2 + 1)]
-    return min(options, key=lambda c: abs(_reduction(ctx, c) - target))
-
-
-def _heads_for(ctx: Context, scores: torch.Tensor, target: float, base: PruningConfig | None = None
-               ) -> dict[int, tuple[int, ...]]:
-    """Remove the lowest-scored heads (at most H-1 per layer) until the FLOPs reduction is nearest `target`."""
-    base = base or PruningConfig()
-    flat = [(float(scores[l, h]), l, h) for l in range(scores.shape[0]) for h in range(scores.shape[1])
-            if not math.isnan(float(scores[l, h]))]
-    flat.sort()
-    removed: dict[int, list[int]] = {}
-    best = (abs(_reduction(ctx, base) - target), {})
-    limit = {l: b.heads - 1 for l, b in enumerate(ctx.shape.blocks)}
-    for _, l, h in flat:
-        if len(removed.get(l, [])) >= limit[l]:
-            continue
-        removed.setdefault(l, []).append(h)
-        heads = {k: tuple(v) for k, v in removed.items()}
-        gap = abs(_reduction(ctx, base.replace(heads=heads)) - target)
-        if gap < best[0]:
-            best = (gap, heads)
-        elif _reduction(ctx, base.replace(heads=heads)) > target:
-            break
-    return best[1]
+def _heads_for(ctx: Context, scores: torch.Tensor, target: float) -> dict[int, tuple[int, ...]]:
+    num_heads = {l: b.heads for l, b in enumerate(ctx.shape.blocks)}
+    return planning.heads_for_target(scores, target, _reduction_on(ctx), num_heads)
 
 
 def sweep_items(ctx: Context) -> list[Item]:
@@ -354,13 +330,16 @@ def sweep_items(ctx: Context) -> list[Item]:
         target = _reduction(ctx, reference)
         for selector in p.token_selectors:
             items.append(Item("token", selector, label, reference.replace(selector=selector, gate="sweep-gate")
-                              if selector == "gate" else reference.replace(selector=selector)))
+                              if _uses_gate(selector) else reference.replace(selector=selector)))
         items.append(Item("token", p.oracle_method, label, reference.replace(selector=p.oracle_method), subset=True))
         # HEART curvature is negative for about half the tokens: rank by |S| as well (book/method.md, 'Components, gates and the sensitivity score' variants)
         items.append(Item("token", f"{p.oracle_method} |S|", label,
                           reference.replace(selector=p.oracle_method, variant="abs"), subset=True))
         for peer in p.peers:
-            config = _match_keep(ctx, target, "evit") if peer == "evit" else _match_tome(ctx, target)
+            schedule = catalogue.reducer(peer).schedule
+            config = (planning.match_constant_merge(_reduction_on(ctx), target, ctx.shape.num_patches(),
+                                                    len(ctx.shape.blocks), peer)
+                      if schedule == "constant_merge" else _match_keep(ctx, target, peer))
             items.append(Item("token", peer, label, config))
     for target in p.head_targets:
         for method in p.head_methods:
@@ -369,9 +348,9 @@ def sweep_items(ctx: Context) -> list[Item]:
     for target in p.joint_targets:
         heads = _heads_for(ctx, ctx.head_scores["heart"], p.joint_head_share)
         for selector in p.joint_selectors:
-            kw = {"gate": "sweep-gate"} if selector == "gate" else {}
+            kw = {"gate": "sweep-gate"} if _uses_gate(selector) else {}
             config = _match_keep(ctx, target, selector, heads=heads, **kw)
-            items.append(Item("joint", selector, f"FLOPs -{100 * target:.1f} %", config, subset=selector == "heart"))
+            items.append(Item("joint", selector, f"FLOPs -{100 * target:.1f} %", config, subset=_uses_oracle(selector)))
     return items
 
 
@@ -385,8 +364,8 @@ def budget_items(ctx: Context) -> tuple[list[Item], dict[str, dict[str, float]]]
         label = f"ε={eps:g}"
         predicted[label] = {**sched.predicted, "reduction": sched.reduction}
         items.append(Item("budget", f"{p.oracle_method} |S|", label, sched.config.replace(variant="abs"), subset=True))
-        if "gate" in p.token_selectors:
-            items.append(Item("budget", "gate", label, sched.config.replace(selector="gate", gate="sweep-gate")))
+        for selector in filter(_uses_gate, p.token_selectors):
+            items.append(Item("budget", selector, label, sched.config.replace(selector=selector, gate="sweep-gate")))
     for eps in p.per_input_budgets:
         config = PruningConfig(layers=tuple(p.layers), keep=(0.1,), selector=p.oracle_method, per_input_budget=eps,
                                variant="abs")
@@ -401,9 +380,9 @@ def evaluate_item(ctx: Context, item: Item) -> tuple[dict[str, Any], np.ndarray,
     """Evaluate one configuration: (summary row, per-image loss, per-image correctness)."""
     p = ctx.params
     index = ctx.oracle_index if item.subset else torch.arange(len(ctx.images))
-    pruned = prune(ctx.model, item.config, gate=ctx.gate if item.config.selector == "gate" else None)
+    pruned = prune(ctx.model, item.config, gate=ctx.gate if _uses_gate(item.config.selector) else None)
     kwargs: dict[str, Any] = {}
-    if item.config.selector in ("heart", "heart_hutchinson", "heart_exact") and item.config.layers:
+    if _uses_oracle(item.config.selector) and item.config.layers:
         kwargs["oracle"] = ctx.oracle_scores  # precomputed per input (cost reported separately)
     use_stream = (ctx.prefix_stream is not None and item.family != "dense"
                   and pruned.first_changed_block() >= ctx.prefix_layer)
@@ -456,8 +435,9 @@ def flops_check(ctx: Context, items: list[Item]) -> pd.DataFrame:
     for item in items:
         if item.config.per_input_budget is not None:
             continue
-        pruned = prune(ctx.model, item.config, gate=ctx.gate if item.config.selector == "gate" else None)
-        kwargs = {"oracle": {l: s[:1] for l, s in ctx.oracle_scores.items()}} if item.config.selector.startswith("heart") and item.config.layers else {}
+        pruned = prune(ctx.model, item.config, gate=ctx.gate if _uses_gate(item.config.selector) else None)
+        oracle = _uses_oracle(item.config.selector) and item.config.layers
+        kwargs = {"oracle": {l: s[:1] for l, s in ctx.oracle_scores.items()}} if oracle else {}
         counted = counted_flops(pruned, images=ctx.images[ctx.oracle_index[:1]], **kwargs)
         analytic = count_flops(pruned)
         rows.append({"family": item.family, "method": item.method, "level": item.level,

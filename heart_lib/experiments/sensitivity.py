@@ -26,32 +26,25 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from scipy import stats as st
 
-from heart_lib import data, models, results
+from heart_lib import catalogue, data, models, results
 from heart_lib import sensitivity as S
 from heart_lib.experiments.common import model_and_dataset
 from heart_lib.gates import vit_info
 from heart_lib.progress import progress as progress_bar
+from heart_lib.stats import mean_interval, pooled_rank_correlation, rowwise_kendall, rowwise_spearman
 
-SCORES_VERSION = 1  # bump when the meaning of the stored raw scores changes (invalidates reuse)
-CURVATURE_SCORES = ("heart", "heart_global", "heart_hutchinson", "heart_exact")
-ALL_SCORES = CURVATURE_SCORES + ("second_order", "second_order_exact", "taylor", "fisher", "cls_attention", "norm",
-                                 "random")
-EXACT_SCORES = ("heart_exact", "second_order_exact")  # computed on the first `exact_limit` images only
-SCORE_LABELS = {
-    "heart": "HEART single probe (per layer)",
-    "heart_global": "HEART single probe (one HVP, all gates)",
-    "heart_hutchinson": "HEART Hutchinson",
-    "heart_exact": "HEART exact diagonal",
-    "second_order": "full second order −g + ½S (S Hutchinson)",
-    "second_order_exact": "full second order −g + ½S (S exact)",
-    "taylor": "first-order Taylor |g|",
-    "fisher": "empirical Fisher g²",
-    "cls_attention": "CLS attention",
-    "norm": "activation norm",
-    "random": "random",
-}
+# Every score of the catalogue; the per-component ones (one HVP per component) on the first
+# `exact_limit` images only.
+CURVATURE_SCORES = catalogue.scores(family="heart")
+ALL_SCORES = tuple(catalogue.SCORES)
+EXACT_SCORES = catalogue.scores(per_component=True)
+SCORE_LABELS = {name: entry.label for name, entry in catalogue.SCORES.items()}
+# The chapter's one gradient pass: Hutchinson curvature, whose exact gradient also serves the
+# first-order scores and the full second order.
+BASE_CURVATURE = "hutchinson"
+BASE_SCORE = catalogue.scores(family="heart", curvature=BASE_CURVATURE)[0]  # names the base pass's time
+EXACT_TIMING = EXACT_SCORES[0]  # names the exact pass's time (its images: exact_limit)
 
 
 @dataclass(frozen=True)
@@ -149,22 +142,23 @@ def _batch_scores(model, images, labels, params: Params, seconds: dict[str, floa
     tok: dict[str, dict[int, torch.Tensor]] = {}
     hd: dict[str, torch.Tensor] = {}
     wanted = set(params.scores)
-    curv = lambda d, k: d.curvature[k]  # noqa: E731
-    hutch = _timed(seconds, "heart_hutchinson", lambda: S.gate_derivatives(
-        model, images, curvature_estimator="hutchinson", probes=params.probes, seed=params.seed, **kw))
-    tok["heart_hutchinson"], hd["heart_hutchinson"] = _collect(layers, heads, hutch, curv)
-    # The gradient is exact whatever the curvature estimator: first-order scores come from here.
-    tok["second_order"], hd["second_order"] = _collect(layers, heads, hutch,
-                                                       lambda d, k: -d.grad[k] + 0.5 * d.curvature[k])
-    tok["taylor"], hd["taylor"] = _collect(layers, heads, hutch, lambda d, k: d.grad[k].abs())
-    tok["fisher"], hd["fisher"] = _collect(layers, heads, hutch, lambda d, k: d.grad[k].square())
-    for name, scope in (("heart", "layer"), ("heart_global", "global")):
-        if name in wanted:
-            deriv = _timed(seconds, name, lambda: S.gate_derivatives(model, images, curvature_estimator="single",
-                                                                     scope=scope, **kw))
-            tok[name], hd[name] = _collect(layers, heads, deriv, curv)
-    for name in ("cls_attention", "norm", "random"):
-        if name in wanted:
+    base = _timed(seconds, BASE_SCORE, lambda: S.gate_derivatives(
+        model, images, curvature_estimator=BASE_CURVATURE, probes=params.probes, seed=params.seed, **kw))
+    own: list[str] = []
+    for name, entry in catalogue.SCORES.items():
+        if entry.per_component:
+            continue  # compute_exact
+        if entry.formula is not None and entry.curvature in (None, BASE_CURVATURE, "chosen"):
+            tok[name], hd[name] = _collect(layers, heads, base, _formula(entry))
+        elif name in wanted:
+            own.append(name)
+    for name in own:  # scores that need a pass of their own, in catalogue order
+        entry = catalogue.SCORES[name]
+        if entry.formula is not None:
+            deriv = _timed(seconds, name, lambda: S.gate_derivatives(
+                model, images, curvature_estimator=entry.curvature, scope=entry.scope or "layer", **kw))
+            tok[name], hd[name] = _collect(layers, heads, deriv, _formula(entry))
+        else:
             res = _timed(seconds, name, lambda: S.score_components(
                 model, images, layers=layers, heads=True, method=name, loss=params.loss, labels=labels,
                 seed=params.seed))
@@ -175,7 +169,11 @@ def _batch_scores(model, images, labels, params: Params, seconds: dict[str, floa
         model, images, loss=params.loss, labels=labels))
     tok = {k: v for k, v in tok.items() if k in wanted}
     hd = {k: v for k, v in hd.items() if k in wanted}
-    return tok, hd, loo_t, loo_h, hutch
+    return tok, hd, loo_t, loo_h, base
+
+
+def _formula(entry: catalogue.ScoreEntry):
+    return lambda d, k: entry.formula(d.grad[k], d.curvature.get(k))
 
 
 def _loo_subset(params: Params, images: torch.Tensor, model) -> dict[int, list[int]] | None:
@@ -197,25 +195,28 @@ def _batch_exact(model, images, labels, params: Params, seconds: dict[str, float
     layers = tuple(params.layers)
     heads = tuple(range(vit_info(model).depth))
     components = None if tokens is None else {("token", l): tokens[l] for l in layers}
-    exact = _timed(seconds, "heart_exact", lambda: S.gate_derivatives(
+    exact = _timed(seconds, EXACT_TIMING, lambda: S.gate_derivatives(
         model, images, token_layers=layers, head_layers=heads, loss=params.loss, labels=labels,
         curvature_estimator="exact", components=components))
     tok, hd = {}, {}
-    tok["heart_exact"], hd["heart_exact"] = _collect(layers, heads, exact, lambda d, k: d.curvature[k])
-    tok["second_order_exact"], hd["second_order_exact"] = _collect(
-        layers, heads, exact, lambda d, k: -d.grad[k] + 0.5 * d.curvature[k])
+    for name in EXACT_SCORES:
+        tok[name], hd[name] = _collect(layers, heads, exact, _formula(catalogue.SCORES[name]))
     return tok, hd
 
 
-def params_key(params: Params, stage: str = "scores") -> str:
-    """Digest of what the stored raw scores of `stage` ("scores" or "exact") depend on
-    (display settings excluded; the cheap stage does not depend on exact_limit)."""
+def stage_params(params: Params, stage: str = "scores") -> dict[str, Any]:
+    """The parameters the stored raw scores of `stage` ("scores" or "exact") depend on (display
+    settings excluded; the cheap stage does not depend on exact_limit, the exact stage depends on
+    loo_tokens too: it scores those tokens)."""
     skip = {"bootstrap", "heatmap_images", "heatmap_layer", "reuse"}
     if stage == "scores":
-        skip.add("exact_limit")  # (the exact stage depends on loo_tokens too: it scores those tokens)
-    relevant = {k: v for k, v in asdict(params).items() if k not in skip}
-    relevant.update(version=SCORES_VERSION, stage=stage)
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        skip.add("exact_limit")
+    return {k: v for k, v in asdict(params).items() if k not in skip}
+
+
+def raw_folder(params: Params, stage: str) -> Path:
+    """Where a stage's raw scores are cached (the cache rule of `results.cache_folder`)."""
+    return results.cache_folder(f"sensitivity-{stage}", stage_params(params, stage), (__name__,))
 
 
 def _cat(xs) -> np.ndarray:
@@ -315,33 +316,24 @@ def load_raw(path: Path) -> tuple[RawScores, str]:
     return raw, meta["key"]
 
 
-def raw_scores(params: Params, out: Path, progress: bool = True) -> RawScores:
-    """Raw scores, reused from `out/raw_scores.npz` (and `raw_exact.npz`) when they were computed
-    with the same parameters and reuse is on; else computed and stored (each stage separately, so
-    an interrupted exact pass does not redo the leave-one-out)."""
-    path, exact_path = out / "raw_scores.npz", out / "raw_exact.npz"
-    key, exact_key = params_key(params, "scores"), params_key(params, "exact")
-    raw = None
-    if params.reuse and path.is_file():
-        raw, stored = load_raw(path)
-        if stored != key:
-            raw = None
+def raw_scores(params: Params, progress: bool = True) -> RawScores:
+    """Raw scores, reused from the cache (`raw_folder`) when reuse is on; else computed and stored
+    (each stage separately, so an interrupted exact pass does not redo the leave-one-out)."""
+    path = raw_folder(params, "scores") / "raw_scores.npz"
+    exact_path = raw_folder(params, "exact") / "raw_exact.npz"
+    raw = load_raw(path)[0] if params.reuse and path.is_file() else None
     if raw is None:
         raw = compute_raw(params, progress)
-        save_raw(raw, path, key)
+        save_raw(raw, path, path.parent.name)
     wanted = [s for s in EXACT_SCORES if s in params.scores]
     if params.exact_limit and wanted:
-        exact = None
-        if params.reuse and exact_path.is_file():
-            exact, stored = load_raw(exact_path)
-            if stored != exact_key:
-                exact = None
+        exact = load_raw(exact_path)[0] if params.reuse and exact_path.is_file() else None
         if exact is None:
             tok, hd, seconds = compute_exact(params, raw, progress)
             exact = RawScores(tokens=tok, heads=hd, loo_tokens={}, loo_heads=np.zeros(0), loss=np.zeros(0),
                               labels=np.zeros(0), predictions=np.zeros(0), num_prefix_tokens=raw.num_prefix_tokens,
                               seconds=seconds)
-            save_raw(exact, exact_path, exact_key)
+            save_raw(exact, exact_path, exact_path.parent.name)
         images = len(raw.loss)
         for name in wanted:
             raw.tokens[name] = {l: _pad_rows(a, images) for l, a in exact.tokens[name].items()}
@@ -356,79 +348,11 @@ def raw_scores(params: Params, out: Path, progress: bool = True) -> RawScores:
 
 
 def _variants(name: str) -> tuple[str, ...]:
-    return S.VARIANTS if name in CURVATURE_SCORES else ("raw",)
+    return catalogue.score(name).variants
 
 
 def _finite_rows(a: np.ndarray) -> np.ndarray:
     return np.isfinite(a.reshape(len(a), -1)).all(1)
-
-
-def _valid(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.isfinite(a) & np.isfinite(b)
-
-
-def _ranks(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Average ranks (1..n) along rows over the valid entries; NaN elsewhere."""
-    filled = np.where(valid, x, np.inf)  # invalid entries rank last, then are blanked
-    ranks = st.rankdata(filled, axis=1, method="average")
-    return np.where(valid, ranks, np.nan)
-
-
-def rowwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Spearman ρ of each row of a with the same row of b, over the columns where both are finite
-    (ties get average ranks); NaN where fewer than 3 such columns or a row is constant."""
-    a, b = np.atleast_2d(np.asarray(a, float)), np.atleast_2d(np.asarray(b, float))
-    valid = _valid(a, b)
-    ra, rb = _ranks(a, valid), _ranks(b, valid)
-    count = valid.sum(1, keepdims=True)  # rows without any valid column (e.g. no exact scores) give NaN
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ra -= np.nansum(ra, 1, keepdims=True) / count
-        rb -= np.nansum(rb, 1, keepdims=True) / count
-        num = np.nansum(ra * rb, 1)
-        den = np.sqrt(np.nansum(ra ** 2, 1) * np.nansum(rb ** 2, 1))
-        out = num / den
-    out[(valid.sum(1) < 3) | ~(den > 0)] = np.nan
-    return out
-
-
-def rowwise_kendall(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Kendall's τ-b of each row pair over the columns where both are finite (all pairs at once:
-    Σ sign(Δa)·sign(Δb) / sqrt(Σ|sign Δa| · Σ|sign Δb|))."""
-    a, b = np.atleast_2d(np.asarray(a, float)), np.atleast_2d(np.asarray(b, float))
-    valid = _valid(a, b)
-    a, b = np.where(valid, a, 0.0), np.where(valid, b, 0.0)
-    pair = valid[:, :, None] & valid[:, None, :]
-    sa = np.sign(a[:, :, None] - a[:, None, :]) * pair
-    sb = np.sign(b[:, :, None] - b[:, None, :]) * pair
-    num = (sa * sb).sum((1, 2))
-    den = np.sqrt(np.abs(sa).sum((1, 2)) * np.abs(sb).sum((1, 2)))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = num / den
-    out[(valid.sum(1) < 3) | ~(den > 0)] = np.nan
-    return out
-
-
-def _mean_ci(values: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, float]:
-    values = values[np.isfinite(values)]
-    if len(values) == 0:
-        return float("nan"), float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(values), size=(n_boot, len(values)))
-    boots = values[idx].mean(1)
-    return float(values.mean()), float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
-
-
-def _static_ci(score: np.ndarray, truth: np.ndarray, n_boot: int, seed: int) -> dict[str, float]:
-    """Correlation of image-averaged scores with image-averaged ΔL, bootstrap over images."""
-    keep = _finite_rows(score)
-    score, truth = score[keep].reshape(keep.sum(), -1), truth[keep].reshape(keep.sum(), -1)
-    rng = np.random.default_rng(seed)
-    idx = np.concatenate([np.arange(len(score))[None], rng.integers(0, len(score), (n_boot, len(score)))])
-    s_mean, t_mean = score[idx].mean(1), truth[idx].mean(1)  # [1 + n_boot, components]
-    rho, tau = rowwise_spearman(s_mean, t_mean), rowwise_kendall(s_mean, t_mean)
-    return {"spearman": rho[0], "spearman_lo": np.nanquantile(rho[1:], 0.025),
-            "spearman_hi": np.nanquantile(rho[1:], 0.975), "kendall": tau[0],
-            "kendall_lo": np.nanquantile(tau[1:], 0.025), "kendall_hi": np.nanquantile(tau[1:], 0.975)}
 
 
 def per_image_correlations(raw: RawScores) -> pd.DataFrame:
@@ -465,7 +389,7 @@ def correlation_table(raw: RawScores, per_image: pd.DataFrame, n_boot: int = 200
         row = {"component": component, "score": name, "variant": variant, "aggregation": "per image, mean",
                "n_images": int(group["spearman"].notna().sum())}
         for stat in ("spearman", "kendall"):
-            mean, lo, hi = _mean_ci(group[stat].to_numpy(dtype=float), n_boot, seed)
+            mean, lo, hi = mean_interval(group[stat].to_numpy(dtype=float), n_boot, seed)
             row.update({stat: mean, f"{stat}_lo": lo, f"{stat}_hi": hi})
         rows.append(row)
     for name, values in raw.heads.items():
@@ -474,7 +398,7 @@ def correlation_table(raw: RawScores, per_image: pd.DataFrame, n_boot: int = 200
             rows.append({"component": "heads (image-mean ranking)", "score": name, "variant": variant,
                          "aggregation": "pooled: mean over images, then one ranking",
                          "n_images": int(_finite_rows(values).sum()),
-                         **_static_ci(score, raw.loo_heads, n_boot, seed)})
+                         **pooled_rank_correlation(score, raw.loo_heads, n_boot, seed)})
     order = {c: i for i, c in enumerate(["tokens (mean over layers)"] + [f"tokens@{l}" for l in sorted(raw.loo_tokens)]
                                         + ["heads", "heads (image-mean ranking)"])}
     table = pd.DataFrame(rows)
@@ -484,18 +408,20 @@ def correlation_table(raw: RawScores, per_image: pd.DataFrame, n_boot: int = 200
 
 def estimator_agreement(raw: RawScores, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
     """How well each fast curvature estimator ranks like the exact diagonal (images with exact scores)."""
-    if "heart_exact" not in raw.tokens or raw.exact_images == 0:
+    exact = [n for n in CURVATURE_SCORES if catalogue.SCORES[n].per_component]
+    if not exact or exact[0] not in raw.tokens or raw.exact_images == 0:
         return pd.DataFrame()
+    exact = exact[0]
     p, k = raw.num_prefix_tokens, raw.exact_images
     rows = []
-    for name in ("heart", "heart_global", "heart_hutchinson"):
-        if name not in raw.tokens:
+    for name in CURVATURE_SCORES:
+        if name not in raw.tokens or name == exact:
             continue
-        per_layer = [rowwise_spearman(raw.tokens[name][l][:k, p:], raw.tokens["heart_exact"][l][:k, p:])
+        per_layer = [rowwise_spearman(raw.tokens[name][l][:k, p:], raw.tokens[exact][l][:k, p:])
                      for l in sorted(raw.tokens[name])]
-        token_mean, lo, hi = _mean_ci(np.mean(per_layer, 0), n_boot, seed)
-        heads = rowwise_spearman(raw.heads[name][:k].reshape(k, -1), raw.heads["heart_exact"][:k].reshape(k, -1))
-        h_mean, h_lo, h_hi = _mean_ci(heads, n_boot, seed)
+        token_mean, lo, hi = mean_interval(np.mean(per_layer, 0), n_boot, seed)
+        heads = rowwise_spearman(raw.heads[name][:k].reshape(k, -1), raw.heads[exact][:k].reshape(k, -1))
+        h_mean, h_lo, h_hi = mean_interval(heads, n_boot, seed)
         rows.append({"estimator": name, "images": k, "tokens_spearman": token_mean, "tokens_lo": lo, "tokens_hi": hi,
                      "heads_spearman": h_mean, "heads_lo": h_lo, "heads_hi": h_hi})
     return pd.DataFrame(rows)
@@ -520,7 +446,7 @@ def variant_table(table: pd.DataFrame) -> pd.DataFrame:
 
 def run(params: Params, out: Path, progress: bool = True) -> dict[str, Any]:
     """Compute (or reuse) raw scores; write the correlation tables and a summary under `out`."""
-    raw = raw_scores(params, out, progress)
+    raw = raw_scores(params, progress)
     per_image = per_image_correlations(raw)
     table = correlation_table(raw, per_image, params.bootstrap, params.seed)
     meta = {"params": asdict(params)}
@@ -537,7 +463,7 @@ def run(params: Params, out: Path, progress: bool = True) -> dict[str, Any]:
         "loss": params.loss, "layers": list(params.layers), "num_prefix_tokens": raw.num_prefix_tokens,
         "mean_loss": float(raw.loss.mean()), "pseudo_label_accuracy": float((raw.labels == raw.predictions).mean()),
         "exact_images": raw.exact_images,
-        "seconds_per_image": {k: v / (raw.exact_images if k == "heart_exact" else images)
+        "seconds_per_image": {k: v / (raw.exact_images if k == EXACT_TIMING else images)
                               for k, v in raw.seconds.items()},
         "best": best.to_dict(orient="records"),
         "aggregation": "tokens: Spearman/Kendall per image across non-prefix tokens of one layer, mean over "

@@ -19,8 +19,8 @@ Compact text form (the measurement harness's `--pruning`), `;`-separated `key=va
 
     tokens=0.7@3,6,9                  same ratio at layers 3, 6, 9
     tokens=0.9,0.8,0.7@3,6,9          one ratio per layer
-    selector=cls_attention            heart | heart_hutchinson | gate | cls_attention | norm | random
-                                      | evit | tome
+    selector=cls_attention            any token reducer of `heart_lib.catalogue` (heart, heart_hutchinson,
+                                      heart_exact, gate, cls_attention, norm, random, evit, tome)
     heads=0:1,5:0  or  heads=0:1+2    layer:head pairs ('+' joins several heads of one layer)
     seed=0; probes=8; gate=path/to/gate.pt; budget=0.01; fuse=true
     variant=abs                       oracle scores: raw S (default), abs |S|, clamp max(S, 0)
@@ -38,12 +38,8 @@ from typing import Any, Mapping
 
 import yaml
 
-DROP_SELECTORS = ("heart", "heart_hutchinson", "heart_exact", "gate", "cls_attention", "norm", "random")
-PEER_METHODS = ("evit", "tome")
-SELECTORS = DROP_SELECTORS + PEER_METHODS
-ORACLE_SELECTORS = ("heart", "heart_hutchinson", "heart_exact")
-VARIANTS = ("raw", "abs", "clamp")
-
+from heart_lib import catalogue
+from heart_lib.catalogue import VARIANTS
 
 @dataclass(frozen=True)
 class PruningConfig:
@@ -82,8 +78,7 @@ class PruningConfig:
 
     def check(self, depth: int | None = None, num_heads: int | Mapping[int, int] | None = None) -> None:
         """Raise ValueError for an invalid config; with `depth`/`num_heads`, also check it fits a model."""
-        if self.selector not in SELECTORS:
-            raise ValueError(f"selector = {self.selector!r}: allowed values are {list(SELECTORS)}")
+        entry = catalogue.reducer(self.selector)
         if len(self.keep) != len(self.layers):
             raise ValueError(f"tokens: {len(self.keep)} keep ratios for {len(self.layers)} layers {self.layers}; "
                              "give one ratio, or one per layer")
@@ -102,25 +97,25 @@ class PruningConfig:
                 raise ValueError(f"heads: layer {layer} is negative; layers are 0-based block indices")
             if any(i < 0 for i in idx):
                 raise ValueError(f"heads: layer {layer} has a negative head index in {idx}")
-        if self.selector == "cls_attention" and 0 in self.layers:
-            raise ValueError("selector = 'cls_attention' cannot prune at layer 0: it ranks tokens by the "
-                             "class-token attention of the preceding block (use evit, norm, random or heart)")
-        if self.selector == "gate" and self.layers and not self.gate:
-            raise ValueError("selector = 'gate' needs gate=<path of a trained token gate>")
+        if self.layers and self.layers[0] < entry.min_layer:
+            raise ValueError(f"selector = {self.selector!r} cannot prune at layer {self.layers[0]} "
+                             f"(needs layers >= {entry.min_layer}): {entry.min_layer_reason}")
+        if "gate" in entry.needs and self.layers and not self.gate:
+            raise ValueError(f"selector = {self.selector!r} needs gate=<path of a trained token gate>")
         if self.variant not in VARIANTS:
             raise ValueError(f"variant = {self.variant!r}: allowed values are {list(VARIANTS)}")
-        if self.variant != "raw" and self.selector not in ORACLE_SELECTORS:
-            raise ValueError(f"variant applies to the HEART oracle selectors {list(ORACLE_SELECTORS)}, "
-                             f"not to {self.selector!r}")
+        loss_unit = [n for n, e in catalogue.REDUCERS.items() if e.loss_units]
+        if self.variant != "raw" and not entry.loss_units:
+            raise ValueError(f"variant applies to the HEART oracle selectors {loss_unit}, not to {self.selector!r}")
         if self.probes < 1:
             raise ValueError(f"probes = {self.probes}: must be a positive integer")
         if self.per_input_budget is not None:
             if not self.per_input_budget >= 0:
                 raise ValueError(f"budget = {self.per_input_budget}: must be a non-negative number")
-            if self.selector not in ORACLE_SELECTORS:
+            if not entry.loss_units:
                 raise ValueError(f"budget (per-input) needs loss-unit scores: selector must be one of "
-                                 f"{list(ORACLE_SELECTORS)}, got {self.selector!r}")
-        if self.fuse and self.selector in PEER_METHODS:
+                                 f"{loss_unit}, got {self.selector!r}")
+        if self.fuse and not entry.drops:
             raise ValueError(f"fuse applies to drop selectors; {self.selector!r} has its own reduction")
         if depth is not None:
             for layer in list(self.layers) + [layer for layer, _ in self.heads]:
@@ -166,11 +161,11 @@ class PruningConfig:
             ratios = sorted(set(self.keep))
             ratio_text = (f"{ratios[0]:g}" if len(ratios) == 1 else ",".join(f"{r:g}" for r in self.keep))
             items.append(f"tokens={ratio_text}@{','.join(str(v) for v in self.layers)}")
-        if self.layers or self.selector != "cls_attention":
+        defaults = PruningConfig()
+        if self.layers or self.selector != defaults.selector:
             items.append(f"selector={self.selector}")
         if self.heads:
             items.append("heads=" + ",".join(f"{k}:{'+'.join(str(i) for i in v)}" for k, v in self.heads))
-        defaults = PruningConfig()
         for name in ("seed", "probes", "gate", "per_input_budget", "fuse", "variant"):
             value = getattr(self, name)
             if value != getattr(defaults, name):
@@ -283,33 +278,31 @@ def _parse_heads(text: str) -> tuple[tuple[int, tuple[int, ...]], ...]:
     return tuple(pairs)
 
 
-def kept_tokens(n_body: int, keep: float, selector: str, fuse: bool = False) -> int:
+def kept_tokens(n_body: int, keep: float, selector: str | None = None, fuse: bool = False) -> int:
     """Non-prefix tokens left after one reduction of `n_body` tokens at keep ratio `keep`.
 
-    The single source of truth for counts, shared by the pruned forward and the analytic FLOPs.
+    The single source of truth for counts, shared by the pruned forward and the analytic FLOPs: the
+    reducer's catalogue entry turns k = ceil(keep·n) into its count (selector None: plain k).
     """
     # round() first: 0.7 * 10 is 7.000000000000001 in floating point, and ceil would give 8.
     k = max(1, math.ceil(round(keep * n_body, 6)))
     if k >= n_body:
         return n_body
-    if selector == "tome":
-        return n_body - min(n_body - k, (n_body + 1) // 2)  # ToMe merges at most |A| = ceil(n/2)
-    if selector == "evit" or fuse:
-        return k + 1  # the fused token
-    return k
+    return k if selector is None else catalogue.reducer(selector).kept(n_body, k, fuse)
 
 
 def token_plan(config: PruningConfig, num_patches: int, depth: int, prefix: int) -> list[tuple[int, int]]:
     """Tokens (prefix included) entering each block's attention and MLP, for a fixed-count config."""
     config.check(depth=depth)
     keep = config.keep_map
+    drops = catalogue.reducer(config.selector).drops
     n = num_patches
     plan = []
     for layer in range(depth):
-        if layer in keep and config.selector not in PEER_METHODS:
+        if layer in keep and drops:
             n = kept_tokens(n, keep[layer], config.selector, config.fuse)
         n_attn = n
-        if layer in keep and config.selector in PEER_METHODS:
+        if layer in keep and not drops:
             n = kept_tokens(n, keep[layer], config.selector)
         plan.append((n_attn + prefix, n + prefix))
     return plan

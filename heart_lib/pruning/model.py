@@ -20,12 +20,11 @@ from torch import nn
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from heart_lib import checks
-from heart_lib.pruning.config import (ORACLE_SELECTORS, PEER_METHODS, PruningConfig, kept_tokens)
+from heart_lib import catalogue, checks
+from heart_lib.catalogue import DropSite, PeerSite
+from heart_lib.pruning.config import PruningConfig, kept_tokens
 from heart_lib.pruning.heads import check_sliceable, slice_heads
-from heart_lib.pruning.peers import evit_reduce, mean_keys, tome_merge
-from heart_lib.pruning.selectors import (TokenGateSet, capture_output, cls_attention_from_qkv, gather_scores,
-                                         norm_scores, random_scores)
+from heart_lib.pruning.selectors import TokenGateSet, capture_output, cls_attention_from_qkv
 
 # Score provider for the HEART oracle: (model, images, layers) -> {layer: [B, N] scores}.
 OracleFn = Callable[[nn.Module, torch.Tensor, tuple[int, ...]], Mapping[int, torch.Tensor]]
@@ -39,15 +38,6 @@ def check_model(model: nn.Module) -> None:
         if type(block) is not Block:
             raise ValueError(f"block {i} is a {type(block).__name__}; pruning supports timm's standard Block")
         check_sliceable(block.attn, where=f"block {i} attention")
-
-
-def predicted_loss_from_heart(scores: torch.Tensor) -> torch.Tensor:
-    """Predicted loss increase of removing each token from its HEART curvature S: ½·max(S, 0).
-
-    The gradient term is dropped (as HEART does); negative curvature is clamped so no removal is
-    ever predicted to lower the loss.
-    """
-    return 0.5 * scores.clamp(min=0)
 
 
 @dataclass
@@ -83,10 +73,12 @@ class PrunedViT(nn.Module):
         self.record = ForwardRecord()
         self._generator = torch.Generator().manual_seed(config.seed)
         self._keep = config.keep_map
-        self._drop_layers = tuple(l for l in config.layers if config.selector not in PEER_METHODS)
+        self.entry = catalogue.reducer(config.selector)
+        self._drop_layers = tuple(config.layers) if self.entry.drops else ()
         # Blocks whose class-token attention the next block's selection needs.
-        self._cls_source = {l - 1 for l in self._drop_layers} if config.selector == "cls_attention" else set()
-        if config.selector == "gate" and config.layers:
+        self._cls_source = ({l - 1 for l in self._drop_layers} if "previous_attention" in self.entry.needs
+                            else set())
+        if "gate" in self.entry.needs and config.layers:
             missing = [l for l in config.layers if str(l) not in gate.gates]
             if missing:
                 raise ValueError(f"the token gate has no layers {missing} (trained for {gate.layers})")
@@ -113,31 +105,15 @@ class PrunedViT(nn.Module):
             from heart_lib import sensitivity  # the sensitivity engine (another module's job)
 
             def fn(model, imgs, layers):
-                return sensitivity.score_tokens(model, imgs, layers=list(layers), method=self.config.selector,
+                return sensitivity.score_tokens(model, imgs, layers=list(layers), method=self.entry.score,
                                                 loss="pseudo", probes=self.config.probes, seed=self.config.seed)
         with torch.enable_grad():
             scores = fn(self.model, images, self._drop_layers)
         return {int(k): v.detach() for k, v in scores.items()}
 
     def _scores(self, layer: int, state: TokenState, context: dict[str, Any]) -> torch.Tensor:
-        selector = self.config.selector
-        if selector == "norm":
-            return norm_scores(state.x)
-        if selector == "random":
-            return random_scores(state.x, self._generator)
-        if selector == "cls_attention":
-            return context.pop("cls_attn")
-        if selector == "gate":
-            return self.gate(layer, state.x)
-        if selector in ORACLE_SELECTORS:
-            scores = context["oracle"][layer]
-            # HEART curvature can be negative; the variant says how a negative value ranks.
-            if self.config.variant == "abs":
-                scores = scores.abs()
-            elif self.config.variant == "clamp":
-                scores = scores.clamp(min=0)
-            return gather_scores(scores, state.index)
-        raise AssertionError(selector)
+        site = DropSite(layer, state.x, state.index, context, self._generator, self.gate, self.config.variant)
+        return self.entry.scorer(site)
 
     def _reduces(self, layer: int, n_body: int) -> bool:
         """Whether the drop at `layer` removes tokens (else no scores are computed at all)."""
@@ -156,14 +132,14 @@ class PrunedViT(nn.Module):
             # Batch size 1: the fewest kept tokens whose dropped tokens' predicted loss fits the budget.
             if state.x.shape[0] != 1:
                 raise AssertionError("per-input budgets run one input at a time")
-            floor = kept_tokens(n_body, self._keep[layer], "drop")
-            loss = predicted_loss_from_heart(scores[0])
+            floor = kept_tokens(n_body, self._keep[layer])
+            loss = catalogue.predicted_loss(scores[0])
             ordered = loss.sort().values.cumsum(0)
             share = cfg.per_input_budget / len(self._drop_layers)
             droppable = int((ordered <= share).sum())
             keep = max(floor, n_body - droppable)
         else:
-            keep = kept_tokens(n_body, self._keep[layer], "drop")
+            keep = kept_tokens(n_body, self._keep[layer])
         if keep >= n_body:
             return state
         order = scores.argsort(dim=1, descending=True)
@@ -182,7 +158,7 @@ class PrunedViT(nn.Module):
     def _run_block(self, layer: int, block: Block, state: TokenState, context: dict[str, Any]) -> TokenState:
         selector = self.config.selector
         n_body = state.x.shape[1] - self.prefix
-        peer = (selector in PEER_METHODS and layer in self._keep
+        peer = (not self.entry.drops and layer in self._keep
                 and kept_tokens(n_body, self._keep[layer], selector) < n_body)
         want_cls = layer in self._cls_source and self._reduces(layer + 1, n_body)
         need_qkv = peer or want_cls
@@ -203,14 +179,8 @@ class PrunedViT(nn.Module):
             if handle is not None:
                 handle.remove()
         target = kept_tokens(n_body, self._keep[layer], selector)
-        if selector == "evit":
-            cls_attn = cls_attention_from_qkv(store["qkv"], block.attn)
-            x, index = evit_reduce(x, state.index, cls_attn, self.prefix, target - 1)
-            size = state.size
-        else:
-            size = state.size if state.size is not None else torch.ones(x.shape[:2], dtype=x.dtype, device=x.device)
-            keys = mean_keys(store["qkv"], block.attn.num_heads, block.attn.head_dim, block.attn.k_norm)
-            x, index, size = tome_merge(x, state.index, size, keys, self.prefix, n_body - target)
+        x, index, size = self.entry.reduce(PeerSite(x, state.index, state.size, store["qkv"], block.attn,
+                                                    self.prefix, target))
         x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
         return TokenState(x, index, size)
 
@@ -259,7 +229,7 @@ class PrunedViT(nn.Module):
         """Logits. `oracle`: precomputed HEART scores {layer: [B, N]} (else computed here, timed).
         `start_layer`/`tokens`: see forward_features."""
         self.record = ForwardRecord()
-        if self.config.selector in ORACLE_SELECTORS and self._drop_layers and oracle is None:
+        if "oracle" in self.entry.needs and self._drop_layers and oracle is None:
             if images is None:
                 raise ValueError("the HEART oracle needs the images (or precomputed oracle scores)")
             start = time.perf_counter()
@@ -291,15 +261,16 @@ def prune(model: nn.Module, config: PruningConfig | str, *, gate: TokenGateSet |
     check_model(model)
     depth = len(model.blocks)
     config.check(depth=depth, num_heads={i: b.attn.num_heads for i, b in enumerate(model.blocks)})
-    if config.selector == "gate" and config.layers and gate is None:
+    uses_gate = "gate" in catalogue.reducer(config.selector).needs
+    if uses_gate and config.layers and gate is None:
         gate = TokenGateSet.load(config.gate)
-    if gate is not None and config.selector == "gate":
+    if gate is not None and uses_gate:
         embed = model.embed_dim
         if gate.dim != embed:
             raise ValueError(f"the token gate expects {gate.dim}-dim tokens, the model has {embed}")
     pruned = copy.deepcopy(model)
     for layer, heads in config.heads:
         slice_heads(pruned.blocks[layer].attn, heads)
-    wrapper = PrunedViT(pruned, config, gate=gate if config.selector == "gate" else None, oracle=oracle,
+    wrapper = PrunedViT(pruned, config, gate=gate if uses_gate else None, oracle=oracle,
                         keep_index=keep_index)
     return wrapper.train(model.training)

@@ -1,4 +1,6 @@
-"""Token scores for the drop selectors ("higher = keep"), and the learned token gate.
+"""Tensor maths of the drop selectors ("higher = keep"), and the learned token gate.
+
+The selectors themselves are entries of `heart_lib.catalogue`.
 
 All scorers return one score per token of the current sequence, shape [B, n]; the pruning wrapper
 never lets prefix tokens (class/distillation/register) compete, whatever their score.
@@ -15,16 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from timm.layers import Attention
-
-
-def norm_scores(x: torch.Tensor) -> torch.Tensor:
-    """L2 norm of each token's residual-stream vector."""
-    return x.norm(dim=-1)
-
-
-def random_scores(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Uniform random scores (the generator advances, so each batch gets its own draw)."""
-    return torch.rand(x.shape[:2], generator=generator).to(x.device)
 
 
 def cls_attention_from_qkv(qkv: torch.Tensor, attn: Attention) -> torch.Tensor:
