@@ -131,8 +131,8 @@ def analytic_flops(shape: ViTShape, config: PruningConfig | None = None, image_s
         elif config.selector == "evit" and n_mlp < n_attn:
             selector += 2 * b.heads * n_attn * b.head_dim
         elif config.selector == "tome" and n_mlp < n_attn:
-            body = n_attn - shape.prefix
-            selector += 2 * ((body + 1) // 2) * (body // 2) * b.head_dim
+            # cosine similarities between set A (even positions) and set B (odd), prefix tokens included
+            selector += 2 * ((n_attn + 1) // 2) * (n_attn // 2) * b.head_dim
     head = sum(2 * i * o for i, o in shape.head_linears)
     blocks_total = sum(sum(d.values()) for d in per_block)
     return {"total": patch + blocks_total + head + selector, "patch_embed": patch, "blocks": blocks_total,

@@ -307,7 +307,7 @@ def tome_config(r: int, num_patches: int, depth: int, heads=()) -> PruningConfig
     """ToMe's constant-r schedule (r merges in every block) as per-layer keep ratios."""
     keeps, n = [], num_patches
     for _ in range(depth):
-        r_eff = min(r, (n + 1) // 2, n - 1)  # never merge the last token away
+        r_eff = min(r, n // 2)  # ToMe merges at most half the tokens (never the last one)
         keeps.append((n - r_eff) / n if n > 0 else 1.0)
         n -= r_eff
     return PruningConfig(layers=tuple(range(depth)), keep=tuple(keeps), selector="tome", heads=heads)

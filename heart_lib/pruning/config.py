@@ -163,8 +163,10 @@ class PruningConfig:
         """The compact text form; `PruningConfig.parse(c.to_string()) == c`."""
         items = []
         if self.layers:
+            # repr is the shortest text that reads back as the same float: a parsed schedule keeps
+            # (and merges) exactly the tokens this one does.
             ratios = sorted(set(self.keep))
-            ratio_text = (f"{ratios[0]:g}" if len(ratios) == 1 else ",".join(f"{r:g}" for r in self.keep))
+            ratio_text = (repr(ratios[0]) if len(ratios) == 1 else ",".join(repr(r) for r in self.keep))
             items.append(f"tokens={ratio_text}@{','.join(str(v) for v in self.layers)}")
         if self.layers or self.selector != "cls_attention":
             items.append(f"selector={self.selector}")
@@ -293,7 +295,7 @@ def kept_tokens(n_body: int, keep: float, selector: str, fuse: bool = False) -> 
     if k >= n_body:
         return n_body
     if selector == "tome":
-        return n_body - min(n_body - k, (n_body + 1) // 2)  # ToMe merges at most |A| = ceil(n/2)
+        return n_body - min(n_body - k, n_body // 2)  # ToMe merges at most half the tokens, rounded down
     if selector == "evit" or fuse:
         return k + 1  # the fused token
     return k
