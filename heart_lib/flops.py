@@ -44,6 +44,7 @@ class ViTShape:
     prefix: int
     blocks: tuple[BlockShape, ...]
     head_linears: tuple[tuple[int, int], ...]
+    class_token: bool = True  # else CLS attention averages every query row (selectors.class_attention)
 
     def num_patches(self, image_size: int | tuple[int, int] | None = None) -> int:
         h, w = _pair(image_size) if image_size is not None else self.img_size
@@ -80,7 +81,8 @@ def vit_shape(model: nn.Module) -> ViTShape:
     head_linears = tuple((h.in_features, h.out_features) for h in heads if isinstance(h, nn.Linear))
     return ViTShape(dim=model.embed_dim, in_chans=conv.in_channels, patch_size=tuple(conv.kernel_size),
                     img_size=tuple(model.patch_embed.img_size), prefix=int(model.num_prefix_tokens),
-                    blocks=tuple(blocks), head_linears=head_linears)
+                    blocks=tuple(blocks), head_linears=head_linears,
+                    class_token=getattr(model, "cls_token", None) is not None)
 
 
 def block_flops(b: BlockShape, n_attn: int, n_mlp: int) -> dict[str, int]:
@@ -123,13 +125,14 @@ def analytic_flops(shape: ViTShape, config: PruningConfig | None = None, image_s
             prev = shape.blocks[layer - 1]
             n_prev = counts[layer - 1][0]
             if _reduces(inputs[layer], shape, keep[layer], config):
-                selector += 2 * prev.heads * n_prev * prev.head_dim
+                queries = 1 if shape.class_token else n_prev
+                selector += 2 * prev.heads * queries * n_prev * prev.head_dim
         elif config.selector == "gate":
             hidden = gate_hidden if gate_hidden is not None else 64
             if _reduces(inputs[layer], shape, keep[layer], config):
                 selector += 2 * inputs[layer] * (shape.dim * hidden + hidden)
         elif config.selector == "evit" and n_mlp < n_attn:
-            selector += 2 * b.heads * n_attn * b.head_dim
+            selector += 2 * b.heads * (1 if shape.class_token else n_attn) * n_attn * b.head_dim
         elif config.selector == "tome" and n_mlp < n_attn:
             # cosine similarities between set A (even positions) and set B (odd), prefix tokens included
             selector += 2 * ((n_attn + 1) // 2) * (n_attn // 2) * b.head_dim

@@ -34,6 +34,7 @@ path during the call (`heart_lib._compat.non_fused_attention`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -45,6 +46,7 @@ from torch import nn
 from heart_lib import curvature
 from heart_lib._compat import non_fused_attention
 from heart_lib.gates import BlockRunner, GateSet, attach_gates, check_layers, num_prefix_tokens, vit_info
+from heart_lib.pruning.selectors import class_attention
 
 __all__ = [
     "METHODS", "LOSSES", "SCOPES", "CURVATURES", "VARIANTS", "num_prefix_tokens", "per_image_loss",
@@ -191,23 +193,54 @@ def _groups(info, token_layers: tuple[int, ...], head_layers: tuple[int, ...]) -
     return [("token", l) for l in token_layers] + [("head", l) for l in head_layers]
 
 
+def _unpruned_reference(runner: BlockRunner, gates: GateSet, loss: str, start: int) -> torch.Tensor | None:
+    """The unpruned output the pseudo label / KL target is taken from (None for the true-label loss).
+
+    Computed once, with every gate off, along the same path the loss takes (so at m = 1 it equals the
+    loss's own forward bit for bit), and then held fixed: a finite-difference probe moves the gates,
+    and a target that moved with them would make the KL vanish at every probe point.
+    """
+    if loss == "true":
+        return None
+    gates.clear()
+    with torch.no_grad():
+        return runner.logits_from(start).detach()
+
+
 def _loss_fn(runner: BlockRunner, gates: GateSet, groups: list[tuple[str, int]], loss: str,
-             labels: torch.Tensor | None, start: int, stash: dict | None):
+             labels: torch.Tensor | None, start: int, stash: dict | None, reference: torch.Tensor | None):
     """f(*gate tensors) = Σ_b ℓ_b, running the model from block `start`.
 
-    The pseudo label / KL target is the output of this same forward, detached: at m = 1 it is the
-    unpruned output, and no extra forward is spent on it. `stash` (if given) receives the
-    per-image losses (plain autograd only; torch.func transforms must not leak tensors).
+    `reference`: the unpruned output (`_unpruned_reference`) for the pseudo-label and KL losses.
+    `stash` (if given) receives the per-image losses (plain autograd only; torch.func transforms
+    must not leak tensors).
     """
     def fn(*values: torch.Tensor) -> torch.Tensor:
         for (kind, layer), value in zip(groups, values):
             (gates.token if kind == "token" else gates.head)[layer] = value
         logits = runner.logits_from(start)
-        per_image = per_image_loss(logits, loss, labels, logits.detach())
+        per_image = per_image_loss(logits, loss, labels, reference)
         if stash is not None:
             stash.setdefault("calls", []).append(per_image.detach())
         return per_image.sum()
     return fn
+
+
+def _per_image_probes(images: torch.Tensor, primals: tuple[torch.Tensor, ...], seed: int):
+    """`draw(k)` for Hutchinson: Rademacher signs drawn per image, from a generator seeded by `seed`
+    and the image's own pixels, so an image's estimate does not depend on its batch-mates (every
+    primal is [B, ...] with images on the first axis)."""
+    generators = [torch.Generator().manual_seed(_image_seed(image, seed)) for image in images]
+
+    def draw(_k: int) -> tuple[torch.Tensor, ...]:
+        signs = [tuple(torch.randint(0, 2, p.shape[1:], generator=g) for p in primals) for g in generators]
+        return tuple((torch.stack([s[j] for s in signs]) * 2 - 1).to(p) for j, p in enumerate(primals))
+    return draw
+
+
+def _image_seed(image: torch.Tensor, seed: int) -> int:
+    digest = hashlib.sha256(str(seed).encode() + image.detach().cpu().contiguous().numpy().tobytes())
+    return int(digest.hexdigest()[:15], 16)
 
 
 def gate_derivatives(model: nn.Module, images: torch.Tensor, *, token_layers: Iterable[int] = (),
@@ -267,7 +300,8 @@ def gate_derivatives(model: nn.Module, images: torch.Tensor, *, token_layers: It
         out = GateDerivatives(loss=torch.empty(0), grad={}, estimator=curvature_estimator)
         for plan, start in zip(plans, starts):
             fn = _loss_fn(runner, gates, plan, loss, labels, start,
-                          None if mode == "forward_over_reverse" and curvature_estimator is not None else stash)
+                          None if mode == "forward_over_reverse" and curvature_estimator is not None else stash,
+                          _unpruned_reference(runner, gates, loss, start))
             primals = tuple(ones(g) for g in plan)
             gates.clear()
             if curvature_estimator is None:
@@ -283,8 +317,9 @@ def gate_derivatives(model: nn.Module, images: torch.Tensor, *, token_layers: It
                 out.grad.update({g: gr for g, gr in zip(plan, op.grad)})
                 out.curvature.update({g: h.detach() for g, h in zip(plan, hv)})
             elif curvature_estimator == "hutchinson":
-                diag, _, grad, stacked = curvature.hutchinson_diagonal(fn, primals, probes=probes, seed=seed,
-                                                                       mode=mode, return_probes=True)
+                diag, _, grad, stacked = curvature.hutchinson_diagonal(
+                    fn, primals, probes=probes, mode=mode, return_probes=True,
+                    draw=_per_image_probes(images, primals, seed))
                 out.grad.update(dict(zip(plan, grad)))
                 out.curvature.update(dict(zip(plan, diag)))
                 if keep_probes:
@@ -339,11 +374,6 @@ def _recordings(model: nn.Module, images: torch.Tensor, token_layers: tuple[int,
     return gates
 
 
-def _token_cls_attention(attn: torch.Tensor, has_class_token: bool) -> torch.Tensor:
-    """[B, H, N, N] -> [B, N]: attention the class token pays to each token, mean over heads."""
-    if has_class_token:
-        return attn[:, :, 0, :].mean(1)
-    return attn.mean(2).mean(1)  # no class token (e.g. global-pool register models): mean over queries
 
 
 def _head_cls_attention(attn: torch.Tensor, has_class_token: bool) -> torch.Tensor:
@@ -411,7 +441,7 @@ def score_components(model: nn.Module, images: torch.Tensor, *, layers: Iterable
                 if missing:
                     raise ValueError(f"cls_attention: no attention probabilities recorded for blocks {missing} "
                                      "(the model's attention does not expose timm's attn_drop on its explicit path)")
-                tok = {l: _token_cls_attention(rec.attention[l].float(), info.has_class_token) for l in token_layers}
+                tok = {l: class_attention(rec.attention[l].float(), info.has_class_token) for l in token_layers}
                 hd = [_head_cls_attention(rec.attention[l].float(), info.has_class_token) for l in head_layers]
         return Scores(tok, _stack_heads(hd) if heads else None, info.num_prefix_tokens, method)
 
@@ -592,7 +622,8 @@ def gate_eigenpair(model: nn.Module, images: torch.Tensor, *, layers: Iterable[i
             tokens = runner.num_tokens if runner.inputs else _token_count(model, images)
             primals = tuple(torch.ones(images.shape[0], tokens if kind == "token" else info.num_heads[layer],
                                        dtype=dtype, device=images.device) for kind, layer in groups)
-            fn = _loss_fn(runner, gates, groups, loss, labels, start, None)
+            fn = _loss_fn(runner, gates, groups, loss, labels, start, None,
+                          _unpruned_reference(runner, gates, loss, start))
             result = curvature.power_iteration(fn, primals, iters=iters, tol=tol, seed=seed, batch_dim=True,
                                                mode=mode)
         finally:

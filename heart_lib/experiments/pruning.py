@@ -174,7 +174,7 @@ def _scores_in_batches(model, images, labels, params: Params, layers, heads: boo
     for start in progress(range(0, len(images), chunk), f"{method} scores"):
         s = sensitivity.score_components(model, images[start:start + chunk], layers=tuple(layers) if layers else (),
                                          heads=heads, method=method, loss="pseudo", probes=params.probes,
-                                         seed=params.seed + start)
+                                         seed=params.seed)  # probes are drawn per image
         for l in layers:
             tokens[l].append(s.tokens[l])
         if heads:
