@@ -51,7 +51,7 @@ from heart_lib.pruning.selectors import class_attention
 __all__ = [
     "METHODS", "LOSSES", "SCOPES", "CURVATURES", "VARIANTS", "num_prefix_tokens", "per_image_loss",
     "score_tokens", "score_heads", "score_components", "Scores", "gate_derivatives", "GateDerivatives",
-    "leave_one_out_tokens", "leave_one_out_heads", "apply_variant", "NonFiniteLossError", "gate_eigenpair",
+    "leave_one_out_tokens", "leave_one_out_heads", "REMOVALS", "apply_variant", "NonFiniteLossError", "gate_eigenpair",
 ]
 
 METHODS = ("heart", "heart_hutchinson", "heart_exact", "second_order", "taylor", "fisher", "cls_attention",
@@ -60,6 +60,7 @@ LOSSES = ("true", "pseudo", "kl")
 SCOPES = ("layer", "global")
 CURVATURES = ("single", "hutchinson", "exact")
 VARIANTS = ("raw", "abs", "clamp")
+REMOVALS = ("zero", "drop")  # leave-one-out truths: zero the token's residual row, or drop it from the sequence
 _CURVATURE_OF = {"heart": "single", "heart_hutchinson": "hutchinson", "heart_exact": "exact"}
 
 
@@ -517,8 +518,15 @@ def score_heads(model: nn.Module, images: torch.Tensor, *, method: str, loss: st
 # leave-one-out ground truth
 
 
+def _without_token(x: torch.Tensor, token: int) -> torch.Tensor:
+    """x [B, n, D] with token `token` dropped from the sequence (what the pruned model's gather does)."""
+    keep = [i for i in range(x.shape[1]) if i != token]
+    return x[:, keep]
+
+
 def _loo(model: nn.Module, images: torch.Tensor, kind: str, layers: tuple[int, ...], loss: str,
-         labels: torch.Tensor | None, indices: dict[int, list[int]] | None, chunk: int) -> dict[int, torch.Tensor]:
+         labels: torch.Tensor | None, indices: dict[int, list[int]] | None, chunk: int,
+         removal: str = "zero") -> dict[int, torch.Tensor]:
     info = vit_info(model)
     batch = images.shape[0]
     with _fp32_and_explicit_attention(model) as dtype, torch.no_grad():
@@ -527,6 +535,9 @@ def _loo(model: nn.Module, images: torch.Tensor, kind: str, layers: tuple[int, .
                              head_layers=layers if kind == "head" else ())
         try:
             runner = BlockRunner(model, images)
+            if removal == "drop" and not runner.tail_ok:
+                raise ValueError("removal = 'drop' needs a model whose forward is its blocks, then norm and "
+                                 "head (timm's VisionTransformer); this model's forward does more")
             base = per_image_loss(runner.logits, loss, labels, runner.logits)
             _report_non_finite(base)
             n_tokens = runner.inputs[0].shape[1]
@@ -536,15 +547,21 @@ def _loo(model: nn.Module, images: torch.Tensor, kind: str, layers: tuple[int, .
                 width = n_tokens if kind == "token" else info.num_heads[layer]
                 todo = list(range(width)) if indices is None else list(indices.get(layer, []))
                 result = torch.full((batch, width), float("nan"), dtype=dtype)
+                if removal == "drop":  # prefix tokens are never dropped: their truth stays NaN
+                    todo = [c for c in todo if c >= info.num_prefix_tokens]
                 for first in range(0, len(todo), chunk):
                     comps = todo[first:first + chunk]
                     r = len(comps)
-                    gate = torch.ones(r, batch, width, dtype=dtype, device=images.device)
-                    for j, c in enumerate(comps):
-                        gate[j, :, c] = 0
                     gates.clear()
-                    (gates.token if kind == "token" else gates.head)[layer] = gate.flatten(0, 1)
-                    logits = runner.logits_from(layer, repeat=r)
+                    if removal == "drop":
+                        stream = runner.inputs[layer]
+                        logits = runner._tail(torch.cat([_without_token(stream, c) for c in comps]), layer)
+                    else:
+                        gate = torch.ones(r, batch, width, dtype=dtype, device=images.device)
+                        for j, c in enumerate(comps):
+                            gate[j, :, c] = 0
+                        (gates.token if kind == "token" else gates.head)[layer] = gate.flatten(0, 1)
+                        logits = runner.logits_from(layer, repeat=r)
                     if loss == "true":
                         rep_labels = labels.repeat(r)
                     changed = per_image_loss(logits, loss, rep_labels, runner.logits.repeat(r, 1))
@@ -559,22 +576,26 @@ def _loo(model: nn.Module, images: torch.Tensor, kind: str, layers: tuple[int, .
 
 def leave_one_out_tokens(model: nn.Module, images: torch.Tensor, *, layers: Iterable[int], loss: str = "pseudo",
                          labels: torch.Tensor | None = None, tokens: dict[int, list[int]] | None = None,
-                         chunk: int = 8) -> dict[int, torch.Tensor]:
+                         chunk: int = 8, removal: str = "zero") -> dict[int, torch.Tensor]:
     """Actual loss change ΔL per image when one token is removed at a block input: {layer: [B, N]}.
 
-    Removal = gate 0 on that token's residual stream at the input of block `layer` (the same
-    perturbation δ = −z_c the scores approximate). `tokens` optionally restricts which token
-    indices are evaluated per layer (others are NaN). `chunk` components are evaluated per forward
-    by stacking the batch. Loss as in the scores; the reference is the unpruned output.
+    removal = "zero": gate 0 on that token's residual stream at the input of block `layer` (the
+    perturbation δ = −z_c the scores approximate; the zeroed token still attends and is attended
+    to). removal = "drop": the token leaves the sequence there, as the pruned model's gather does
+    (the ground truth pruning actually faces; prefix tokens are never dropped and stay NaN).
+    `tokens` optionally restricts which token indices are evaluated per layer (others are NaN).
+    `chunk` components are evaluated per forward by stacking the batch. Loss as in the scores; the
+    reference is the unpruned output.
     """
     _check_images(images)
     _check_choice("loss", loss, LOSSES)
+    _check_choice("removal", removal, REMOVALS)
     info = vit_info(model)
     layers = check_layers(tuple(layers) if not isinstance(layers, int) else layers, info.depth, "layers")
     labels = _check_labels(loss, labels, images.shape[0])
     if chunk < 1:
         raise ValueError(f"chunk = {chunk}: must be a positive integer")
-    return _loo(model, images, "token", layers, loss, labels, tokens, chunk)
+    return _loo(model, images, "token", layers, loss, labels, tokens, chunk, removal)
 
 
 def leave_one_out_heads(model: nn.Module, images: torch.Tensor, *, loss: str = "pseudo",

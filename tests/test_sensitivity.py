@@ -394,3 +394,29 @@ def test_unit_one_definition_of_cls_attention(class_token):
     handle.remove()
     selector = cls_attention_from_qkv(store["qkv"], model.blocks[1].attn, has_class_token=class_token)
     torch.testing.assert_close(selector, scores, rtol=1e-4, atol=1e-6)
+
+
+def test_unit_dropping_truth_equals_the_pruned_model():
+    """The dropping ΔL of one token is the loss change of the physically pruned model that drops
+    exactly that token (same gather), unlike zeroing its residual row."""
+    from heart_lib.pruning import prune
+
+    model = tiny()
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    drop = S.leave_one_out_tokens(model, images, layers=[1], tokens={1: [0, 4, 9]}, removal="drop")[1]
+    zero = S.leave_one_out_tokens(model, images, layers=[1], tokens={1: [4, 9]}, removal="zero")[1]
+    assert torch.isnan(drop[:, 0]).all()  # the class token is never dropped
+    with torch.no_grad():
+        ref = model(images)
+        base = S.per_image_loss(ref, "pseudo", None, ref)
+    body = N - 1
+    for token in (4, 9):
+        def oracle(_model, imgs, layers, token=token):  # every token kept but this one
+            scores = torch.ones(imgs.shape[0], N, dtype=torch.float64)
+            scores[:, token] = -1.0
+            return {l: scores for l in layers}
+        pruned = prune(model, f"tokens={(body - 1) / body!r}@1;selector=heart", oracle=oracle)
+        with torch.no_grad():
+            changed = S.per_image_loss(pruned(images), "pseudo", None, ref)
+        torch.testing.assert_close(drop[:, token], changed - base, rtol=1e-9, atol=1e-12)
+        assert not torch.allclose(drop[:, token], zero[:, token])
