@@ -93,9 +93,11 @@ class ScoreEntry:
 
 
 def _cls_attention(rec: Recording, kind: str, layer: int) -> torch.Tensor:
+    from heart_lib.pruning.selectors import class_attention
+
     attn = rec.attention[layer].float()
-    if kind == "tokens":  # attention the class token pays to each token, mean over heads
-        return attn[:, :, 0, :].mean(1) if rec.has_class_token else attn.mean(2).mean(1)
+    if kind == "tokens":  # the one definition the pruning selector uses too
+        return class_attention(attn, rec.has_class_token)
     # heads: negative entropy of the class token's attention row (focused heads score high)
     rows = attn[:, :, 0, :] if rec.has_class_token else attn.mean(2)
     return (rows * rows.clamp_min(1e-30).log()).sum(-1)
@@ -191,6 +193,7 @@ class PeerSite:
     attn: Any  # the block's timm Attention
     prefix: int
     target: int  # non-prefix tokens to leave (from `kept_tokens`)
+    has_class_token: bool = True  # else CLS attention averages every query row
 
 
 @dataclass(frozen=True)
@@ -264,9 +267,11 @@ def _oracle_scores(site: DropSite) -> torch.Tensor:
 
 
 def _cls_attention_flops(site: FlopsSite) -> int:
-    # the class token's query row against every key of the previous block
-    prev = site.shape.blocks[site.layer - 1]
-    return 2 * prev.heads * site.counts[site.layer - 1][0] * prev.head_dim
+    # the class token's query row (every query row without a class token) against every key of the
+    # previous block
+    prev, n_prev = site.shape.blocks[site.layer - 1], site.counts[site.layer - 1][0]
+    queries = 1 if site.shape.class_token else n_prev
+    return 2 * prev.heads * queries * n_prev * prev.head_dim
 
 
 def _gate_flops(site: FlopsSite) -> int:
@@ -275,19 +280,21 @@ def _gate_flops(site: FlopsSite) -> int:
 
 def _evit_flops(site: FlopsSite) -> int:
     b = site.shape.blocks[site.layer]
-    return 2 * b.heads * site.n_in * b.head_dim
+    queries = 1 if site.shape.class_token else site.n_in
+    return 2 * b.heads * queries * site.n_in * b.head_dim
 
 
 def _tome_flops(site: FlopsSite) -> int:
-    body = site.n_in - site.shape.prefix
-    return 2 * ((body + 1) // 2) * (body // 2) * site.shape.blocks[site.layer].head_dim  # A×B similarities
+    # cosine similarities between set A (even positions) and set B (odd), prefix tokens included
+    n = site.n_in
+    return 2 * ((n + 1) // 2) * (n // 2) * site.shape.blocks[site.layer].head_dim
 
 
 def _evit(site: PeerSite):
     from heart_lib.pruning.peers import evit_reduce
     from heart_lib.pruning.selectors import cls_attention_from_qkv
 
-    cls_attn = cls_attention_from_qkv(site.qkv, site.attn)
+    cls_attn = cls_attention_from_qkv(site.qkv, site.attn, site.has_class_token)
     x, index = evit_reduce(site.x, site.index, cls_attn, site.prefix, site.target - 1)
     return x, index, site.size
 
@@ -321,8 +328,8 @@ register_reducer(ReducerEntry("random", "random", "heuristic", "block_input", _d
 register_reducer(ReducerEntry("evit", "EViT", "peer", "after_attention", lambda n, k, fuse: k + 1, reduce=_evit,
                               extra_flops=_evit_flops))
 register_reducer(ReducerEntry("tome", "ToMe", "peer", "after_attention",
-                              # ToMe merges at most |A| = ceil(n/2) tokens per block
-                              lambda n, k, fuse: n - min(n - k, (n + 1) // 2), reduce=_tome,
+                              # ToMe merges at most half the non-prefix tokens, rounded down
+                              lambda n, k, fuse: n - min(n - k, n // 2), reduce=_tome,
                               extra_flops=_tome_flops, schedule="constant_merge"))
 
 

@@ -194,7 +194,7 @@ def _scores_in_batches(model, images, labels, params: Params, layers, heads: boo
     for start in progress(range(0, len(images), chunk), f"{method} scores"):
         s = sensitivity.score_components(model, images[start:start + chunk], layers=tuple(layers) if layers else (),
                                          heads=heads, method=method, loss="pseudo", probes=params.probes,
-                                         seed=params.seed + start)
+                                         seed=params.seed)  # probes are drawn per image
         for l in layers:
             tokens[l].append(s.tokens[l])
         if heads:
@@ -327,7 +327,7 @@ def tome_config(r: int, num_patches: int, depth: int, heads=(), selector: str = 
     """ToMe's constant-r schedule (r merges in every block) as per-layer keep ratios."""
     keeps, n = [], num_patches
     for _ in range(depth):
-        r_eff = min(r, (n + 1) // 2, n - 1)  # never merge the last token away
+        r_eff = min(r, n // 2)  # ToMe merges at most half the tokens (never the last one)
         keeps.append((n - r_eff) / n if n > 0 else 1.0)
         n -= r_eff
     return PruningConfig(layers=tuple(range(depth)), keep=tuple(keeps), selector=selector, heads=heads)
