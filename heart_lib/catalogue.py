@@ -69,8 +69,8 @@ class ScoreEntry:
 
     name: str
     label: str
-    family: str  # heart (curvature only) | second_order | first_order | heuristic
-    primary: bool = False  # the family's pre-registered primary variant
+    family: str  # heart (curvature only) | second_order | first_order | fisher | attention | norm | random
+    primary: bool = False  # the family's pre-registered primary variant (see FAMILIES)
     gradient: bool = False  # needs ∂L/∂m
     curvature: str | None = None  # estimator of ∂²L/∂m²: single | hutchinson | exact | chosen (the caller's)
     scope: str | None = None  # single probe per layer or global; None: the caller's choice
@@ -144,14 +144,32 @@ for _entry in (
                gradient=True, curvature="chosen", formula=_second),
     ScoreEntry("second_order_exact", "full second order −g + ½S (S exact)", "second_order", gradient=True,
                curvature="exact", formula=_second, per_component=True),
-    ScoreEntry("taylor", "first-order Taylor |g|", "first_order", primary=True, gradient=True,
-               formula=lambda g, s: g.abs()),
-    ScoreEntry("fisher", "empirical Fisher g²", "first_order", gradient=True, formula=lambda g, s: g.square()),
-    ScoreEntry("cls_attention", "CLS attention", "heuristic", heuristic=_cls_attention, recording="attention"),
-    ScoreEntry("norm", "activation norm", "heuristic", heuristic=_norm, recording="activations"),
-    ScoreEntry("random", "random", "heuristic", heuristic=_random),
+    # −g is the first-order Taylor estimate of ΔL when c is removed (δ = −z_c): signed, like HEART's
+    # ½S, so the primary comparison is signed against signed; |g| is the unsigned variant.
+    ScoreEntry("taylor_signed", "first-order Taylor −g (signed)", "first_order", primary=True, gradient=True,
+               formula=lambda g, s: -g),
+    ScoreEntry("taylor", "first-order Taylor |g|", "first_order", gradient=True, formula=lambda g, s: g.abs()),
+    ScoreEntry("fisher", "empirical Fisher g²", "fisher", primary=True, gradient=True,
+               formula=lambda g, s: g.square()),
+    ScoreEntry("cls_attention", "CLS attention", "attention", primary=True, heuristic=_cls_attention,
+               recording="attention"),
+    ScoreEntry("norm", "activation norm", "norm", primary=True, heuristic=_norm, recording="activations"),
+    ScoreEntry("random", "random", "random", primary=True, heuristic=_random),
 ):
     register_score(_entry)
+
+# The families of C1, each with one primary score declared here, before any result is read: HEART's
+# is the paper's score (raw curvature S from the per-layer single probe); the others are their
+# papers' usual forms (the first-order one signed, to face HEART's signed ½S like with like).
+FAMILIES = ("heart", "second_order", "first_order", "fisher", "attention", "norm", "random")
+
+
+def primary(family: str) -> str:
+    """The pre-registered primary score of a family."""
+    names = [n for n, e in SCORES.items() if e.family == family and e.primary]
+    if len(names) != 1:
+        raise ValueError(f"family {family!r} has {len(names)} primary scores; declare exactly one")
+    return names[0]
 
 
 def score(name: str) -> ScoreEntry:
