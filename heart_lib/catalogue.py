@@ -69,8 +69,8 @@ class ScoreEntry:
 
     name: str
     label: str
-    family: str  # heart (curvature only) | second_order | first_order | heuristic
-    primary: bool = False  # the family's pre-registered primary variant
+    family: str  # heart (curvature only) | second_order | first_order | fisher | attention | norm | random
+    primary: bool = False  # the family's pre-registered primary variant (see FAMILIES)
     gradient: bool = False  # needs ∂L/∂m
     curvature: str | None = None  # estimator of ∂²L/∂m²: single | hutchinson | exact | chosen (the caller's)
     scope: str | None = None  # single probe per layer or global; None: the caller's choice
@@ -93,9 +93,11 @@ class ScoreEntry:
 
 
 def _cls_attention(rec: Recording, kind: str, layer: int) -> torch.Tensor:
+    from heart_lib.pruning.selectors import class_attention
+
     attn = rec.attention[layer].float()
-    if kind == "tokens":  # attention the class token pays to each token, mean over heads
-        return attn[:, :, 0, :].mean(1) if rec.has_class_token else attn.mean(2).mean(1)
+    if kind == "tokens":  # the one definition the pruning selector uses too
+        return class_attention(attn, rec.has_class_token)
     # heads: negative entropy of the class token's attention row (focused heads score high)
     rows = attn[:, :, 0, :] if rec.has_class_token else attn.mean(2)
     return (rows * rows.clamp_min(1e-30).log()).sum(-1)
@@ -142,14 +144,32 @@ for _entry in (
                gradient=True, curvature="chosen", formula=_second),
     ScoreEntry("second_order_exact", "full second order −g + ½S (S exact)", "second_order", gradient=True,
                curvature="exact", formula=_second, per_component=True),
-    ScoreEntry("taylor", "first-order Taylor |g|", "first_order", primary=True, gradient=True,
-               formula=lambda g, s: g.abs()),
-    ScoreEntry("fisher", "empirical Fisher g²", "first_order", gradient=True, formula=lambda g, s: g.square()),
-    ScoreEntry("cls_attention", "CLS attention", "heuristic", heuristic=_cls_attention, recording="attention"),
-    ScoreEntry("norm", "activation norm", "heuristic", heuristic=_norm, recording="activations"),
-    ScoreEntry("random", "random", "heuristic", heuristic=_random),
+    # −g is the first-order Taylor estimate of ΔL when c is removed (δ = −z_c): signed, like HEART's
+    # ½S, so the primary comparison is signed against signed; |g| is the unsigned variant.
+    ScoreEntry("taylor_signed", "first-order Taylor −g (signed)", "first_order", primary=True, gradient=True,
+               formula=lambda g, s: -g),
+    ScoreEntry("taylor", "first-order Taylor |g|", "first_order", gradient=True, formula=lambda g, s: g.abs()),
+    ScoreEntry("fisher", "empirical Fisher g²", "fisher", primary=True, gradient=True,
+               formula=lambda g, s: g.square()),
+    ScoreEntry("cls_attention", "CLS attention", "attention", primary=True, heuristic=_cls_attention,
+               recording="attention"),
+    ScoreEntry("norm", "activation norm", "norm", primary=True, heuristic=_norm, recording="activations"),
+    ScoreEntry("random", "random", "random", primary=True, heuristic=_random),
 ):
     register_score(_entry)
+
+# The families of C1, each with one primary score declared here, before any result is read: HEART's
+# is the paper's score (raw curvature S from the per-layer single probe); the others are their
+# papers' usual forms (the first-order one signed, to face HEART's signed ½S like with like).
+FAMILIES = ("heart", "second_order", "first_order", "fisher", "attention", "norm", "random")
+
+
+def primary(family: str) -> str:
+    """The pre-registered primary score of a family."""
+    names = [n for n, e in SCORES.items() if e.family == family and e.primary]
+    if len(names) != 1:
+        raise ValueError(f"family {family!r} has {len(names)} primary scores; declare exactly one")
+    return names[0]
 
 
 def score(name: str) -> ScoreEntry:
@@ -191,6 +211,7 @@ class PeerSite:
     attn: Any  # the block's timm Attention
     prefix: int
     target: int  # non-prefix tokens to leave (from `kept_tokens`)
+    has_class_token: bool = True  # else CLS attention averages every query row
 
 
 @dataclass(frozen=True)
@@ -264,9 +285,11 @@ def _oracle_scores(site: DropSite) -> torch.Tensor:
 
 
 def _cls_attention_flops(site: FlopsSite) -> int:
-    # the class token's query row against every key of the previous block
-    prev = site.shape.blocks[site.layer - 1]
-    return 2 * prev.heads * site.counts[site.layer - 1][0] * prev.head_dim
+    # the class token's query row (every query row without a class token) against every key of the
+    # previous block
+    prev, n_prev = site.shape.blocks[site.layer - 1], site.counts[site.layer - 1][0]
+    queries = 1 if site.shape.class_token else n_prev
+    return 2 * prev.heads * queries * n_prev * prev.head_dim
 
 
 def _gate_flops(site: FlopsSite) -> int:
@@ -275,19 +298,21 @@ def _gate_flops(site: FlopsSite) -> int:
 
 def _evit_flops(site: FlopsSite) -> int:
     b = site.shape.blocks[site.layer]
-    return 2 * b.heads * site.n_in * b.head_dim
+    queries = 1 if site.shape.class_token else site.n_in
+    return 2 * b.heads * queries * site.n_in * b.head_dim
 
 
 def _tome_flops(site: FlopsSite) -> int:
-    body = site.n_in - site.shape.prefix
-    return 2 * ((body + 1) // 2) * (body // 2) * site.shape.blocks[site.layer].head_dim  # A×B similarities
+    # cosine similarities between set A (even positions) and set B (odd), prefix tokens included
+    n = site.n_in
+    return 2 * ((n + 1) // 2) * (n // 2) * site.shape.blocks[site.layer].head_dim
 
 
 def _evit(site: PeerSite):
     from heart_lib.pruning.peers import evit_reduce
     from heart_lib.pruning.selectors import cls_attention_from_qkv
 
-    cls_attn = cls_attention_from_qkv(site.qkv, site.attn)
+    cls_attn = cls_attention_from_qkv(site.qkv, site.attn, site.has_class_token)
     x, index = evit_reduce(site.x, site.index, cls_attn, site.prefix, site.target - 1)
     return x, index, site.size
 
@@ -321,8 +346,8 @@ register_reducer(ReducerEntry("random", "random", "heuristic", "block_input", _d
 register_reducer(ReducerEntry("evit", "EViT", "peer", "after_attention", lambda n, k, fuse: k + 1, reduce=_evit,
                               extra_flops=_evit_flops))
 register_reducer(ReducerEntry("tome", "ToMe", "peer", "after_attention",
-                              # ToMe merges at most |A| = ceil(n/2) tokens per block
-                              lambda n, k, fuse: n - min(n - k, (n + 1) // 2), reduce=_tome,
+                              # ToMe merges at most half the non-prefix tokens, rounded down
+                              lambda n, k, fuse: n - min(n - k, n // 2), reduce=_tome,
                               extra_flops=_tome_flops, schedule="constant_merge"))
 
 

@@ -207,9 +207,12 @@ def make_operator(fn: ScalarFn, primals: torch.Tensor | Sequence[torch.Tensor], 
 
 
 def hutchinson_diagonal(fn: ScalarFn, primals: torch.Tensor | Sequence[torch.Tensor], *, probes: int = 8,
-                        seed: int = 0, mode: str = "double_backward", return_probes: bool = False):
+                        seed: int = 0, mode: str = "double_backward", return_probes: bool = False,
+                        draw: Callable[[int], Tensors] | None = None):
     """Unbiased estimate of diag(H): mean over `probes` Rademacher vectors s of s ⊙ (H s).
 
+    `draw(k)` may supply the k-th probe (e.g. drawn per image, so that an image's estimate does not
+    depend on its batch-mates); by default probes come from one generator seeded with `seed`.
     Returns (diag, value, grad); with `return_probes` also the per-probe estimates stacked on a
     leading axis (to study how the error falls with K).
     """
@@ -217,11 +220,13 @@ def hutchinson_diagonal(fn: ScalarFn, primals: torch.Tensor | Sequence[torch.Ten
     if not isinstance(probes, int) or isinstance(probes, bool) or probes < 1:
         raise ValueError(f"probes = {probes!r}: must be a positive integer")
     primals = _as_tuple(primals)
-    generator = torch.Generator().manual_seed(seed)
+    if draw is None:
+        generator = torch.Generator().manual_seed(seed)
+        draw = lambda _k: rademacher_like(primals, generator)  # noqa: E731
     op = make_operator(fn, primals, mode)
     per_probe = []
-    for _ in range(probes):
-        s = rademacher_like(primals, generator)
+    for k in range(probes):
+        s = draw(k)
         per_probe.append(tuple(si * hi.detach() for si, hi in zip(s, op(s))))
     op.release()
     value, grad = op.value, op.grad

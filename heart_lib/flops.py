@@ -45,6 +45,7 @@ class ViTShape:
     prefix: int
     blocks: tuple[BlockShape, ...]
     head_linears: tuple[tuple[int, int], ...]
+    class_token: bool = True  # else CLS attention averages every query row (selectors.class_attention)
 
     def num_patches(self, image_size: int | tuple[int, int] | None = None) -> int:
         h, w = _pair(image_size) if image_size is not None else self.img_size
@@ -81,7 +82,8 @@ def vit_shape(model: nn.Module) -> ViTShape:
     head_linears = tuple((h.in_features, h.out_features) for h in heads if isinstance(h, nn.Linear))
     return ViTShape(dim=model.embed_dim, in_chans=conv.in_channels, patch_size=tuple(conv.kernel_size),
                     img_size=tuple(model.patch_embed.img_size), prefix=int(model.num_prefix_tokens),
-                    blocks=tuple(blocks), head_linears=head_linears)
+                    blocks=tuple(blocks), head_linears=head_linears,
+                    class_token=getattr(model, "cls_token", None) is not None)
 
 
 def block_flops(b: BlockShape, n_attn: int, n_mlp: int) -> dict[str, int]:

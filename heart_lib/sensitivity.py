@@ -34,6 +34,7 @@ path during the call (`heart_lib._compat.non_fused_attention`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -50,13 +51,14 @@ from heart_lib.gates import BlockRunner, GateSet, attach_gates, check_layers, nu
 __all__ = [
     "METHODS", "LOSSES", "SCOPES", "CURVATURES", "VARIANTS", "num_prefix_tokens", "per_image_loss",
     "score_tokens", "score_heads", "score_components", "Scores", "gate_derivatives", "GateDerivatives",
-    "leave_one_out_tokens", "leave_one_out_heads", "apply_variant", "NonFiniteLossError", "gate_eigenpair",
+    "leave_one_out_tokens", "leave_one_out_heads", "REMOVALS", "apply_variant", "NonFiniteLossError", "gate_eigenpair",
 ]
 
 METHODS = tuple(catalogue.SCORES)  # every score of the catalogue (a registered one included at import)
 LOSSES = ("true", "pseudo", "kl")
 SCOPES = ("layer", "global")
 CURVATURES = ("single", "hutchinson", "exact")
+REMOVALS = ("zero", "drop")  # leave-one-out truths: zero the token's residual row, or drop it from the sequence
 
 
 class NonFiniteLossError(ValueError):
@@ -179,23 +181,54 @@ def _groups(info, token_layers: tuple[int, ...], head_layers: tuple[int, ...]) -
     return [("token", l) for l in token_layers] + [("head", l) for l in head_layers]
 
 
+def _unpruned_reference(runner: BlockRunner, gates: GateSet, loss: str, start: int) -> torch.Tensor | None:
+    """The unpruned output the pseudo label / KL target is taken from (None for the true-label loss).
+
+    Computed once, with every gate off, along the same path the loss takes (so at m = 1 it equals the
+    loss's own forward bit for bit), and then held fixed: a finite-difference probe moves the gates,
+    and a target that moved with them would make the KL vanish at every probe point.
+    """
+    if loss == "true":
+        return None
+    gates.clear()
+    with torch.no_grad():
+        return runner.logits_from(start).detach()
+
+
 def _loss_fn(runner: BlockRunner, gates: GateSet, groups: list[tuple[str, int]], loss: str,
-             labels: torch.Tensor | None, start: int, stash: dict | None):
+             labels: torch.Tensor | None, start: int, stash: dict | None, reference: torch.Tensor | None):
     """f(*gate tensors) = Σ_b ℓ_b, running the model from block `start`.
 
-    The pseudo label / KL target is the output of this same forward, detached: at m = 1 it is the
-    unpruned output, and no extra forward is spent on it. `stash` (if given) receives the
-    per-image losses (plain autograd only; torch.func transforms must not leak tensors).
+    `reference`: the unpruned output (`_unpruned_reference`) for the pseudo-label and KL losses.
+    `stash` (if given) receives the per-image losses (plain autograd only; torch.func transforms
+    must not leak tensors).
     """
     def fn(*values: torch.Tensor) -> torch.Tensor:
         for (kind, layer), value in zip(groups, values):
             (gates.token if kind == "token" else gates.head)[layer] = value
         logits = runner.logits_from(start)
-        per_image = per_image_loss(logits, loss, labels, logits.detach())
+        per_image = per_image_loss(logits, loss, labels, reference)
         if stash is not None:
             stash.setdefault("calls", []).append(per_image.detach())
         return per_image.sum()
     return fn
+
+
+def _per_image_probes(images: torch.Tensor, primals: tuple[torch.Tensor, ...], seed: int):
+    """`draw(k)` for Hutchinson: Rademacher signs drawn per image, from a generator seeded by `seed`
+    and the image's own pixels, so an image's estimate does not depend on its batch-mates (every
+    primal is [B, ...] with images on the first axis)."""
+    generators = [torch.Generator().manual_seed(_image_seed(image, seed)) for image in images]
+
+    def draw(_k: int) -> tuple[torch.Tensor, ...]:
+        signs = [tuple(torch.randint(0, 2, p.shape[1:], generator=g) for p in primals) for g in generators]
+        return tuple((torch.stack([s[j] for s in signs]) * 2 - 1).to(p) for j, p in enumerate(primals))
+    return draw
+
+
+def _image_seed(image: torch.Tensor, seed: int) -> int:
+    digest = hashlib.sha256(str(seed).encode() + image.detach().cpu().contiguous().numpy().tobytes())
+    return int(digest.hexdigest()[:15], 16)
 
 
 def gate_derivatives(model: nn.Module, images: torch.Tensor, *, token_layers: Iterable[int] = (),
@@ -255,7 +288,8 @@ def gate_derivatives(model: nn.Module, images: torch.Tensor, *, token_layers: It
         out = GateDerivatives(loss=torch.empty(0), grad={}, estimator=curvature_estimator)
         for plan, start in zip(plans, starts):
             fn = _loss_fn(runner, gates, plan, loss, labels, start,
-                          None if mode == "forward_over_reverse" and curvature_estimator is not None else stash)
+                          None if mode == "forward_over_reverse" and curvature_estimator is not None else stash,
+                          _unpruned_reference(runner, gates, loss, start))
             primals = tuple(ones(g) for g in plan)
             gates.clear()
             if curvature_estimator is None:
@@ -271,8 +305,9 @@ def gate_derivatives(model: nn.Module, images: torch.Tensor, *, token_layers: It
                 out.grad.update({g: gr for g, gr in zip(plan, op.grad)})
                 out.curvature.update({g: h.detach() for g, h in zip(plan, hv)})
             elif curvature_estimator == "hutchinson":
-                diag, _, grad, stacked = curvature.hutchinson_diagonal(fn, primals, probes=probes, seed=seed,
-                                                                       mode=mode, return_probes=True)
+                diag, _, grad, stacked = curvature.hutchinson_diagonal(
+                    fn, primals, probes=probes, mode=mode, return_probes=True,
+                    draw=_per_image_probes(images, primals, seed))
                 out.grad.update(dict(zip(plan, grad)))
                 out.curvature.update(dict(zip(plan, diag)))
                 if keep_probes:
@@ -449,8 +484,15 @@ def score_heads(model: nn.Module, images: torch.Tensor, *, method: str, loss: st
 # leave-one-out ground truth
 
 
+def _without_token(x: torch.Tensor, token: int) -> torch.Tensor:
+    """x [B, n, D] with token `token` dropped from the sequence (what the pruned model's gather does)."""
+    keep = [i for i in range(x.shape[1]) if i != token]
+    return x[:, keep]
+
+
 def _loo(model: nn.Module, images: torch.Tensor, kind: str, layers: tuple[int, ...], loss: str,
-         labels: torch.Tensor | None, indices: dict[int, list[int]] | None, chunk: int) -> dict[int, torch.Tensor]:
+         labels: torch.Tensor | None, indices: dict[int, list[int]] | None, chunk: int,
+         removal: str = "zero") -> dict[int, torch.Tensor]:
     info = vit_info(model)
     batch = images.shape[0]
     with _fp32_and_explicit_attention(model) as dtype, torch.no_grad():
@@ -459,6 +501,9 @@ def _loo(model: nn.Module, images: torch.Tensor, kind: str, layers: tuple[int, .
                              head_layers=layers if kind == "head" else ())
         try:
             runner = BlockRunner(model, images)
+            if removal == "drop" and not runner.tail_ok:
+                raise ValueError("removal = 'drop' needs a model whose forward is its blocks, then norm and "
+                                 "head (timm's VisionTransformer); this model's forward does more")
             base = per_image_loss(runner.logits, loss, labels, runner.logits)
             _report_non_finite(base)
             n_tokens = runner.inputs[0].shape[1]
@@ -468,15 +513,21 @@ def _loo(model: nn.Module, images: torch.Tensor, kind: str, layers: tuple[int, .
                 width = n_tokens if kind == "token" else info.num_heads[layer]
                 todo = list(range(width)) if indices is None else list(indices.get(layer, []))
                 result = torch.full((batch, width), float("nan"), dtype=dtype)
+                if removal == "drop":  # prefix tokens are never dropped: their truth stays NaN
+                    todo = [c for c in todo if c >= info.num_prefix_tokens]
                 for first in range(0, len(todo), chunk):
                     comps = todo[first:first + chunk]
                     r = len(comps)
-                    gate = torch.ones(r, batch, width, dtype=dtype, device=images.device)
-                    for j, c in enumerate(comps):
-                        gate[j, :, c] = 0
                     gates.clear()
-                    (gates.token if kind == "token" else gates.head)[layer] = gate.flatten(0, 1)
-                    logits = runner.logits_from(layer, repeat=r)
+                    if removal == "drop":
+                        stream = runner.inputs[layer]
+                        logits = runner._tail(torch.cat([_without_token(stream, c) for c in comps]), layer)
+                    else:
+                        gate = torch.ones(r, batch, width, dtype=dtype, device=images.device)
+                        for j, c in enumerate(comps):
+                            gate[j, :, c] = 0
+                        (gates.token if kind == "token" else gates.head)[layer] = gate.flatten(0, 1)
+                        logits = runner.logits_from(layer, repeat=r)
                     if loss == "true":
                         rep_labels = labels.repeat(r)
                     changed = per_image_loss(logits, loss, rep_labels, runner.logits.repeat(r, 1))
@@ -491,22 +542,26 @@ def _loo(model: nn.Module, images: torch.Tensor, kind: str, layers: tuple[int, .
 
 def leave_one_out_tokens(model: nn.Module, images: torch.Tensor, *, layers: Iterable[int], loss: str = "pseudo",
                          labels: torch.Tensor | None = None, tokens: dict[int, list[int]] | None = None,
-                         chunk: int = 8) -> dict[int, torch.Tensor]:
+                         chunk: int = 8, removal: str = "zero") -> dict[int, torch.Tensor]:
     """Actual loss change ΔL per image when one token is removed at a block input: {layer: [B, N]}.
 
-    Removal = gate 0 on that token's residual stream at the input of block `layer` (the same
-    perturbation δ = −z_c the scores approximate). `tokens` optionally restricts which token
-    indices are evaluated per layer (others are NaN). `chunk` components are evaluated per forward
-    by stacking the batch. Loss as in the scores; the reference is the unpruned output.
+    removal = "zero": gate 0 on that token's residual stream at the input of block `layer` (the
+    perturbation δ = −z_c the scores approximate; the zeroed token still attends and is attended
+    to). removal = "drop": the token leaves the sequence there, as the pruned model's gather does
+    (the ground truth pruning actually faces; prefix tokens are never dropped and stay NaN).
+    `tokens` optionally restricts which token indices are evaluated per layer (others are NaN).
+    `chunk` components are evaluated per forward by stacking the batch. Loss as in the scores; the
+    reference is the unpruned output.
     """
     _check_images(images)
     _check_choice("loss", loss, LOSSES)
+    _check_choice("removal", removal, REMOVALS)
     info = vit_info(model)
     layers = check_layers(tuple(layers) if not isinstance(layers, int) else layers, info.depth, "layers")
     labels = _check_labels(loss, labels, images.shape[0])
     if chunk < 1:
         raise ValueError(f"chunk = {chunk}: must be a positive integer")
-    return _loo(model, images, "token", layers, loss, labels, tokens, chunk)
+    return _loo(model, images, "token", layers, loss, labels, tokens, chunk, removal)
 
 
 def leave_one_out_heads(model: nn.Module, images: torch.Tensor, *, loss: str = "pseudo",
@@ -554,7 +609,8 @@ def gate_eigenpair(model: nn.Module, images: torch.Tensor, *, layers: Iterable[i
             tokens = runner.num_tokens if runner.inputs else _token_count(model, images)
             primals = tuple(torch.ones(images.shape[0], tokens if kind == "token" else info.num_heads[layer],
                                        dtype=dtype, device=images.device) for kind, layer in groups)
-            fn = _loss_fn(runner, gates, groups, loss, labels, start, None)
+            fn = _loss_fn(runner, gates, groups, loss, labels, start, None,
+                          _unpruned_reference(runner, gates, loss, start))
             result = curvature.power_iteration(fn, primals, iters=iters, tol=tol, seed=seed, batch_dim=True,
                                                mode=mode)
         finally:

@@ -118,10 +118,9 @@ def test_labels_families_and_primaries():
     for family in families:
         assert len(catalogue.scores(family=family, primary=True)) <= 1, family
     assert catalogue.scores(family="heart", primary=True) == ("heart",)
-    assert claims.curvature_only_score() == "heart"
-    second, others = claims.c1_families()
-    assert "second_order" in second and "heart" in second and "taylor" in others and "norm" in others
-    assert not set(second) & set(others)
+    # every C1 family declares exactly one primary, before any result is read
+    assert {catalogue.primary(f) for f in catalogue.FAMILIES} >= {"heart", "taylor_signed", "norm", "random"}
+    assert catalogue.score(catalogue.primary("first_order")).formula(torch.tensor([2.0]), None).item() == -2.0
     assert catalogue.score("taylor").needs == ("gradient",)
     assert catalogue.score("heart_exact").needs == ("gradient", "curvature")
     assert catalogue.score("cls_attention").needs == ("recording",)

@@ -20,24 +20,38 @@ def _params(tmp_path, **kw):
     return claims.Params(speed_benchmark=str(tmp_path / "bench.json"), devices_root=str(tmp_path / "devices"), **kw)
 
 
-def _correlations(folder, heart, other):
+def _primaries(folder, heart, other):
+    """A primaries table: HEART against every opponent family's primary, each at `other`."""
+    from heart_lib import catalogue
+
     rows = []
     for component in ("tokens (mean over layers)", "heads"):
-        for score, rho in (("heart", heart), ("taylor", other), ("random", 0.0)):
-            rows.append({"component": component, "score": score, "variant": "raw", "aggregation": "per image, mean",
-                         "n_images": 64, "spearman": rho, "spearman_lo": rho - 0.05, "spearman_hi": rho + 0.05})
+        for family in catalogue.FAMILIES:
+            rho = heart if family == "heart" else other
+            row = {"component": component, "family": family, "score": catalogue.primary(family), "n_images": 64,
+                   "spearman": rho, "spearman_lo": rho - 0.05, "spearman_hi": rho + 0.05}
+            if family != "heart":
+                d = heart - other
+                row.update(heart_minus=d, heart_minus_lo=d - 0.04, heart_minus_hi=d + 0.04,
+                           relation="better" if d - 0.04 > 0 else "worse" if d + 0.04 < 0 else "overlap")
+            rows.append(row)
     (folder / "sensitivity").mkdir(exist_ok=True)
-    pd.DataFrame(rows).to_csv(folder / "sensitivity" / "correlations.csv", index=False)
+    pd.DataFrame(rows).to_csv(folder / "sensitivity" / "primaries.csv", index=False)
 
 
 @pytest.mark.parametrize("heart, other, verdict", [(0.6, 0.3, "reproduced"), (0.3, 0.6, "not reproduced"),
-                                                   (0.5, 0.47, "inconclusive")])
-def test_c1_verdict_follows_the_intervals(results, tmp_path, heart, other, verdict):
-    _correlations(results, heart, other)
+                                                   (0.5, 0.48, "inconclusive")])
+def test_c1_verdict_follows_the_paired_intervals(results, tmp_path, heart, other, verdict):
+    _primaries(results, heart, other)
     row = claims.claim_c1(results, _params(tmp_path))
     assert row.verdict == verdict
-    relation = {"reproduced": "above", "not reproduced": "below", "inconclusive": "overlapping"}[verdict]
-    assert f"HEART's curvature-only score: ρ = {heart:.2f}" in row.ours and f"{relation} the best other's" in row.ours
+    assert f"HEART ρ = {heart:.2f}" in row.ours and f"{heart - other:+.2f}" in row.ours
+
+
+def test_c1_ignores_the_full_second_order():
+    """The full second order (also curvature) is shown beside HEART, never counted as its opponent."""
+    assert "second_order" not in claims.c1_opponents() and "heart" not in claims.c1_opponents()
+    assert {"first_order", "fisher", "attention", "norm", "random"} <= set(claims.c1_opponents())
 
 
 def _sweep(folder, rows):
@@ -84,7 +98,7 @@ def test_missing_results_are_named_not_guessed(results, tmp_path):
     table = claims.claims_table("p", _params(tmp_path))
     assert list(table["claim"]) == ["C1", "C2", "C3", "C4", "C5", "C6"]
     assert set(table["verdict"]) == {"not testable here"}
-    assert "correlations.csv" in table.set_index("claim").loc["C1", "ours"]
+    assert "primaries.csv" in table.set_index("claim").loc["C1", "ours"]
 
 
 def test_c6_needs_a_jetson(results, tmp_path):

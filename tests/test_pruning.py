@@ -317,3 +317,51 @@ def test_oracle_variants(vit, images):
         PruningConfig.parse("tokens=0.5@1;selector=norm;variant=abs")
     with pytest.raises(ValueError, match="allowed values"):
         PruningConfig.parse("tokens=0.5@1;selector=heart;variant=square")
+
+
+def test_tome_merges_like_the_reference_code():
+    """A hand-made case: tokens alternate A (even positions, class token included) / B (odd); the
+    class token never merges; the r best-matched A tokens average into their B partners; the
+    unmerged A tokens keep their original order, then the B tokens follow."""
+    # positions 0..6: 0 = class token; A = {0, 2, 4, 6}, B = {1, 3, 5}
+    keys = torch.tensor([[1.0, 0, 0], [0, 1, 0], [1, 0, 0], [0, 0, 1], [0, 1, 0.1], [1, 0.05, 0], [0, 0.3, 1]])
+    keys = keys[None]
+    # class token's key equals token 5's: it must still not merge
+    x = torch.arange(7, dtype=torch.float32)[None, :, None].repeat(1, 1, 2)
+    index = torch.arange(7)[None]
+    size = torch.ones(1, 7)
+    merged, m_index, m_size = tome_merge(x, index, size, keys, prefix=1, r=2)
+    # best matches: 2 -> 5 (cos ≈ 1.0), 4 -> 1 (≈ 0.995), 6 -> 3 (≈ 0.958): the first two merge
+    assert m_index.tolist() == [[0, 6, 1, 3, 5]]
+    assert m_size.tolist() == [[1, 1, 2, 1, 2]]
+    torch.testing.assert_close(merged[0, :, 0], torch.tensor([0.0, 6, (1 + 4) / 2, 3, (5 + 2) / 2]))
+    # at most half of the non-prefix tokens merge, rounded down
+    capped = tome_merge(x, index, size, keys, prefix=1, r=10)[1]
+    assert capped.shape[1] == 7 - 3 and capped[0, 0] == 0
+
+
+def test_tome_keeps_distillation_token_in_front():
+    gen = torch.Generator().manual_seed(0)
+    x, keys = torch.randn(2, 10, 4, generator=gen), torch.randn(2, 10, 3, generator=gen)
+    index, size = torch.arange(10).expand(2, 10), torch.ones(2, 10)
+    merged, m_index, m_size = tome_merge(x, index, size, keys, prefix=2, r=4)
+    assert m_index[:, :2].tolist() == [[0, 1], [0, 1]] and merged.shape == (2, 6, 4)
+    torch.testing.assert_close(merged[:, :2], x[:, :2])
+    torch.testing.assert_close((merged * m_size[..., None]).sum(1), x.sum(1))
+
+
+def test_configs_survive_their_text_form():
+    """parse(to_string(c)) == c over many random configurations (ToMe's fractional keeps included)."""
+    rng = torch.Generator().manual_seed(0)
+    selectors = ["cls_attention", "norm", "random", "evit", "tome", "heart"]
+    for _ in range(300):
+        depth = int(torch.randint(2, 13, (1,), generator=rng))
+        n_layers = int(torch.randint(0, depth, (1,), generator=rng))
+        layers = sorted(torch.randperm(depth - 1, generator=rng)[:n_layers].add(1).tolist())
+        keep = tuple(float(v) for v in torch.rand(len(layers), generator=rng).clamp(min=1e-3))
+        selector = selectors[int(torch.randint(0, len(selectors), (1,), generator=rng))]
+        heads = {int(l): (int(h),) for l, h in zip(torch.randint(0, depth, (2,), generator=rng),
+                                                   torch.randint(0, 3, (2,), generator=rng))}
+        config = PruningConfig(layers=tuple(layers), keep=keep, selector=selector, heads=heads,
+                               seed=int(torch.randint(0, 9, (1,), generator=rng)))
+        assert PruningConfig.parse(config.to_string()) == config, config.to_string()

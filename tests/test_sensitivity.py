@@ -191,7 +191,7 @@ def test_unit_finite_difference_of_one_curvature_value(problem):
     assert abs(float(fd - exact)) <= 1e-5 * max(1.0, abs(float(exact)))
 
 
-@pytest.mark.parametrize("method", ["heart", "heart_exact", "second_order", "taylor", "cls_attention", "norm"])
+@pytest.mark.parametrize("method", ["heart", "heart_exact", "heart_hutchinson", "second_order", "taylor", "cls_attention", "norm"])
 def test_unit_scores_are_batch_independent(method):
     """An image's scores do not depend on its batch-mates (deterministic methods)."""
     model = tiny()
@@ -348,3 +348,75 @@ def test_unit_rowwise_rank_correlations_match_scipy():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert np.isnan(rowwise_spearman(empty, np.arange(5.0)[None]))[0]
+
+
+def test_unit_kl_curvature_survives_finite_differences():
+    """The KL target is the unpruned output, held fixed: finite differences must not see it move."""
+    model = tiny()
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    kw = dict(token_layers=[1], head_layers=[0], loss="kl", curvature_estimator="single")
+    exact = S.gate_derivatives(model, images, **kw)
+    fd = S.gate_derivatives(model, images, mode="finite_difference", **kw)
+    for key in exact.curvature:
+        scale = exact.curvature[key].abs().max()
+        assert scale > 1e-6
+        assert torch.allclose(fd.curvature[key], exact.curvature[key], atol=1e-3 * float(scale)), key
+
+
+def test_unit_hutchinson_is_batch_independent():
+    """Hutchinson probes are drawn per image: an image's estimate ignores its batch-mates."""
+    model = tiny()
+    images = torch.randn(4, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    kw = dict(layers=[1], heads=True, method="heart_hutchinson", probes=3, seed=2)
+    full = S.score_components(model, images, **kw)
+    for other, row in ((S.score_components(model, images[2:3], **kw), 0),
+                       (S.score_components(model, images[[1, 2]], **kw), 1)):
+        assert torch.allclose(other.tokens[1][row], full.tokens[1][2], atol=1e-12, rtol=1e-9)
+        assert torch.allclose(other.heads[row], full.heads[2], atol=1e-12, rtol=1e-9)
+
+
+@pytest.mark.parametrize("class_token", [True, False])
+def test_unit_one_definition_of_cls_attention(class_token):
+    """Sensitivity's CLS-attention scores and the pruning selector read the same rows of the same
+    attention (the class token's, or the mean over queries when there is none)."""
+    from heart_lib.pruning.selectors import capture_output, cls_attention_from_qkv
+
+    torch.manual_seed(0)
+    kw = {} if class_token else dict(class_token=False, global_pool="avg", reg_tokens=1)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3, embed_dim=32,
+                              num_heads=2, num_classes=10, **kw).eval()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    scores = S.score_tokens(model, images, layers=[1], method="cls_attention")[1]
+    store = {}
+    handle = capture_output(model.blocks[1].attn.qkv, store, "qkv")
+    with torch.no_grad():
+        model(images)
+    handle.remove()
+    selector = cls_attention_from_qkv(store["qkv"], model.blocks[1].attn, has_class_token=class_token)
+    torch.testing.assert_close(selector, scores, rtol=1e-4, atol=1e-6)
+
+
+def test_unit_dropping_truth_equals_the_pruned_model():
+    """The dropping ΔL of one token is the loss change of the physically pruned model that drops
+    exactly that token (same gather), unlike zeroing its residual row."""
+    from heart_lib.pruning import prune
+
+    model = tiny()
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    drop = S.leave_one_out_tokens(model, images, layers=[1], tokens={1: [0, 4, 9]}, removal="drop")[1]
+    zero = S.leave_one_out_tokens(model, images, layers=[1], tokens={1: [4, 9]}, removal="zero")[1]
+    assert torch.isnan(drop[:, 0]).all()  # the class token is never dropped
+    with torch.no_grad():
+        ref = model(images)
+        base = S.per_image_loss(ref, "pseudo", None, ref)
+    body = N - 1
+    for token in (4, 9):
+        def oracle(_model, imgs, layers, token=token):  # every token kept but this one
+            scores = torch.ones(imgs.shape[0], N, dtype=torch.float64)
+            scores[:, token] = -1.0
+            return {l: scores for l in layers}
+        pruned = prune(model, f"tokens={(body - 1) / body!r}@1;selector=heart", oracle=oracle)
+        with torch.no_grad():
+            changed = S.per_image_loss(pruned(images), "pseudo", None, ref)
+        torch.testing.assert_close(drop[:, token], changed - base, rtol=1e-9, atol=1e-12)
+        assert not torch.allclose(drop[:, token], zero[:, token])

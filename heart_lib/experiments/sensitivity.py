@@ -62,7 +62,7 @@ class Params:
     loo_tokens: int | None = None  # leave-one-out on this many random non-prefix tokens per layer and batch
     loss: str = "pseudo"  # true | pseudo | kl
     probes: int = 8  # Hutchinson probes
-    exact_limit: int = 8  # images that also get the exact diagonal (one HVP per component); 0 = none
+    exact_limit: int = 16  # images that also get the exact diagonal (one HVP per component); 0 = none
     scores: list[str] = field(default_factory=lambda: list(ALL_SCORES))
     bootstrap: int = 2000
     heatmap_images: int = 4
@@ -105,14 +105,15 @@ class RawScores:
 
     tokens: dict[str, dict[int, np.ndarray]]
     heads: dict[str, np.ndarray]
-    loo_tokens: dict[int, np.ndarray]
-    loo_heads: np.ndarray
+    loo_tokens: dict[int, np.ndarray]  # the truth pruning faces: ΔL of dropping the token from the sequence
+    loo_heads: np.ndarray  # ΔL of removing the head (zeroing its output = slicing it out)
     loss: np.ndarray  # [I] per-image loss of the unpruned model
     labels: np.ndarray
     predictions: np.ndarray
     num_prefix_tokens: int
     seconds: dict[str, float]  # compute time per score family, all images it was computed for
     exact_images: int = 0  # images that have the exact scores (the first ones)
+    loo_tokens_zero: dict[int, np.ndarray] = field(default_factory=dict)  # ΔL of zeroing the token's row
 
 
 def build(params: Params):
@@ -163,9 +164,14 @@ def _batch_scores(model, images, labels, params: Params, seconds: dict[str, floa
                 model, images, layers=layers, heads=True, method=name, loss=params.loss, labels=labels,
                 seed=params.seed))
             tok[name], hd[name] = res.tokens, res.heads
-    loo_t = _timed(seconds, "leave_one_out", lambda: S.leave_one_out_tokens(
-        model, images, layers=layers, loss=params.loss, labels=labels, tokens=_loo_subset(params, images, model)))
-    loo_h = _timed(seconds, "leave_one_out", lambda: S.leave_one_out_heads(
+    subset = _loo_subset(params, images, model)
+    # Two truths for tokens: removal as pruning performs it (dropped from the sequence: C1 is judged
+    # by this one) and zeroing its residual row (the perturbation δ = −z the Taylor scores model).
+    loo_t = {removal: _timed(seconds, f"leave_one_out_{removal}", lambda removal=removal: S.leave_one_out_tokens(
+        model, images, layers=layers, loss=params.loss, labels=labels, tokens=subset, removal=removal))
+        for removal in S.REMOVALS}
+    # heads: zeroing a head's output is slicing it out (tests/test_pruning.py), so one truth serves
+    loo_h = _timed(seconds, "leave_one_out_heads", lambda: S.leave_one_out_heads(
         model, images, loss=params.loss, labels=labels))
     tok = {k: v for k, v in tok.items() if k in wanted}
     hd = {k: v for k, v in hd.items() if k in wanted}
@@ -244,7 +250,8 @@ def compute_raw(params: Params, progress: bool = True) -> RawScores:
     return RawScores(
         tokens={n: {l: _cat([p[0][n][l] for p in parts]) for l in params.layers} for n in parts[0][0]},
         heads={n: _cat([p[1][n] for p in parts]) for n in parts[0][1]},
-        loo_tokens={l: _cat([p[2][l] for p in parts]) for l in params.layers},
+        loo_tokens={l: _cat([p[2]["drop"][l] for p in parts]) for l in params.layers},
+        loo_tokens_zero={l: _cat([p[2]["zero"][l] for p in parts]) for l in params.layers},
         loo_heads=_cat([p[3] for p in parts]),
         loss=_cat(loss_all), labels=torch.cat(labels_all).numpy(), predictions=torch.cat(preds_all).numpy(),
         num_prefix_tokens=vit_info(model).num_prefix_tokens, seconds=seconds,
@@ -284,6 +291,8 @@ def save_raw(raw: RawScores, path: Path, key: str) -> None:
     arrays = {"loo_heads": raw.loo_heads, "loss": raw.loss, "labels": raw.labels, "predictions": raw.predictions}
     for layer, a in raw.loo_tokens.items():
         arrays[f"loo_tokens/{layer}"] = a
+    for layer, a in raw.loo_tokens_zero.items():
+        arrays[f"loo_tokens_zero/{layer}"] = a
     for name, per_layer in raw.tokens.items():
         for layer, a in per_layer.items():
             arrays[f"tokens/{name}/{layer}"] = a
@@ -301,6 +310,7 @@ def load_raw(path: Path) -> tuple[RawScores, str]:
     meta = json.loads(bytes(z["meta"]).decode())
     tokens: dict[str, dict[int, np.ndarray]] = {}
     loo_tokens: dict[int, np.ndarray] = {}
+    loo_zero: dict[int, np.ndarray] = {}
     heads: dict[str, np.ndarray] = {}
     for name in z.files:
         parts = name.split("/")
@@ -308,11 +318,13 @@ def load_raw(path: Path) -> tuple[RawScores, str]:
             tokens.setdefault(parts[1], {})[int(parts[2])] = z[name]
         elif parts[0] == "loo_tokens":
             loo_tokens[int(parts[1])] = z[name]
+        elif parts[0] == "loo_tokens_zero":
+            loo_zero[int(parts[1])] = z[name]
         elif parts[0] == "heads":
             heads[parts[1]] = z[name]
     raw = RawScores(tokens=tokens, heads=heads, loo_tokens=loo_tokens, loo_heads=z["loo_heads"], loss=z["loss"],
                     labels=z["labels"], predictions=z["predictions"], num_prefix_tokens=meta["num_prefix_tokens"],
-                    seconds=meta["seconds"])
+                    seconds=meta["seconds"], loo_tokens_zero=loo_zero)
     return raw, meta["key"]
 
 
@@ -355,15 +367,93 @@ def _finite_rows(a: np.ndarray) -> np.ndarray:
     return np.isfinite(a.reshape(len(a), -1)).all(1)
 
 
+<<<<<<< HEAD
 def per_image_correlations(raw: RawScores) -> pd.DataFrame:
     """One row per (image, component, score, variant) with Spearman and Kendall."""
+=======
+def _valid(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.isfinite(a) & np.isfinite(b)
+
+
+def _ranks(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Average ranks (1..n) along rows over the valid entries; NaN elsewhere."""
+    filled = np.where(valid, x, np.inf)  # invalid entries rank last, then are blanked
+    ranks = st.rankdata(filled, axis=1, method="average")
+    return np.where(valid, ranks, np.nan)
+
+
+def rowwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman ρ of each row of a with the same row of b, over the columns where both are finite
+    (ties get average ranks); NaN where fewer than 3 such columns or a row is constant."""
+    a, b = np.atleast_2d(np.asarray(a, float)), np.atleast_2d(np.asarray(b, float))
+    valid = _valid(a, b)
+    ra, rb = _ranks(a, valid), _ranks(b, valid)
+    count = valid.sum(1, keepdims=True)  # rows without any valid column (e.g. no exact scores) give NaN
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ra -= np.nansum(ra, 1, keepdims=True) / count
+        rb -= np.nansum(rb, 1, keepdims=True) / count
+        num = np.nansum(ra * rb, 1)
+        den = np.sqrt(np.nansum(ra ** 2, 1) * np.nansum(rb ** 2, 1))
+        out = num / den
+    out[(valid.sum(1) < 3) | ~(den > 0)] = np.nan
+    return out
+
+
+def rowwise_kendall(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Kendall's τ-b of each row pair over the columns where both are finite (all pairs at once:
+    Σ sign(Δa)·sign(Δb) / sqrt(Σ|sign Δa| · Σ|sign Δb|))."""
+    a, b = np.atleast_2d(np.asarray(a, float)), np.atleast_2d(np.asarray(b, float))
+    valid = _valid(a, b)
+    a, b = np.where(valid, a, 0.0), np.where(valid, b, 0.0)
+    pair = valid[:, :, None] & valid[:, None, :]
+    sa = np.sign(a[:, :, None] - a[:, None, :]) * pair
+    sb = np.sign(b[:, :, None] - b[:, None, :]) * pair
+    num = (sa * sb).sum((1, 2))
+    den = np.sqrt(np.abs(sa).sum((1, 2)) * np.abs(sb).sum((1, 2)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = num / den
+    out[(valid.sum(1) < 3) | ~(den > 0)] = np.nan
+    return out
+
+
+def _mean_ci(values: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, float]:
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(values), size=(n_boot, len(values)))
+    boots = values[idx].mean(1)
+    return float(values.mean()), float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
+
+
+def _static_ci(score: np.ndarray, truth: np.ndarray, n_boot: int, seed: int) -> dict[str, float]:
+    """Correlation of image-averaged scores with image-averaged ΔL, bootstrap over images."""
+    keep = _finite_rows(score)
+    score, truth = score[keep].reshape(keep.sum(), -1), truth[keep].reshape(keep.sum(), -1)
+    rng = np.random.default_rng(seed)
+    idx = np.concatenate([np.arange(len(score))[None], rng.integers(0, len(score), (n_boot, len(score)))])
+    s_mean, t_mean = score[idx].mean(1), truth[idx].mean(1)  # [1 + n_boot, components]
+    rho, tau = rowwise_spearman(s_mean, t_mean), rowwise_kendall(s_mean, t_mean)
+    return {"spearman": rho[0], "spearman_lo": np.nanquantile(rho[1:], 0.025),
+            "spearman_hi": np.nanquantile(rho[1:], 0.975), "kendall": tau[0],
+            "kendall_lo": np.nanquantile(tau[1:], 0.025), "kendall_hi": np.nanquantile(tau[1:], 0.975)}
+
+
+def per_image_correlations(raw: RawScores, removal: str = "drop") -> pd.DataFrame:
+    """One row per (image, component, score, variant) with Spearman and Kendall against the token
+    truth of `removal` ("drop": the token leaves the sequence, as pruning does; "zero": its residual
+    row is zeroed). Heads have one truth (zeroing a head's output is slicing it out)."""
+    if removal not in S.REMOVALS:
+        raise ValueError(f"removal = {removal!r}: allowed values are {list(S.REMOVALS)}")
+    token_truth = raw.loo_tokens if removal == "drop" else raw.loo_tokens_zero
+>>>>>>> lead-12
     rows = []
     p = raw.num_prefix_tokens
     for name, per_layer in raw.tokens.items():
         for variant in _variants(name):
             for layer, values in per_layer.items():
                 score = S.apply_variant(torch.from_numpy(values), variant).numpy()[:, p:]
-                truth = raw.loo_tokens[layer][:, p:]
+                truth = token_truth[layer][:, p:]
                 rho, tau = rowwise_spearman(score, truth), rowwise_kendall(score, truth)
                 rows += [{"image": i, "component": f"tokens@{layer}", "score": name, "variant": variant,
                           "spearman": rho[i], "kendall": tau[i]} for i in range(len(rho))]
@@ -377,13 +467,18 @@ def per_image_correlations(raw: RawScores) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def correlation_table(raw: RawScores, per_image: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
-    """Mean per-image correlations with bootstrap intervals, plus the static head ranking."""
-    rows = []
+def _with_layer_mean(per_image: pd.DataFrame) -> pd.DataFrame:
+    """The per-image rows plus, per image, the mean over token layers ("tokens (mean over layers)")."""
     token_rows = per_image[per_image["component"].str.startswith("tokens@")]
     layer_mean = (token_rows.groupby(["image", "score", "variant"], as_index=False)[["spearman", "kendall"]].mean()
                   .assign(component="tokens (mean over layers)"))
-    for (component, name, variant), group in pd.concat([per_image, layer_mean]).groupby(
+    return pd.concat([per_image, layer_mean], ignore_index=True)
+
+
+def correlation_table(raw: RawScores, per_image: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Mean per-image correlations with bootstrap intervals, plus the static head ranking."""
+    rows = []
+    for (component, name, variant), group in _with_layer_mean(per_image).groupby(
             ["component", "score", "variant"], sort=False):
         group = group.sort_values("image")
         row = {"component": component, "score": name, "variant": variant, "aggregation": "per image, mean",
@@ -433,6 +528,78 @@ def best_scores(table: pd.DataFrame) -> pd.DataFrame:
     return best[["component", "score", "variant", "spearman", "spearman_lo", "spearman_hi"]].reset_index(drop=True)
 
 
+PRIMARY_COMPONENTS = ("tokens (mean over layers)", "heads")  # per-image rankings, as a pruner faces them
+
+
+def primary_comparison(per_image: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """C1 as pre-registered: each family's primary score (catalogue.FAMILIES) against the truth, and
+    HEART's primary minus each other primary, paired over the same images (bootstrap of the mean
+    per-image difference). `relation`: better / worse / overlap (the difference's interval vs 0)."""
+    values = _with_layer_mean(per_image)
+    values = values[values["variant"] == "raw"]
+    heart = catalogue.primary("heart")
+    rows = []
+    for component in PRIMARY_COMPONENTS:
+        part = values[values["component"] == component].pivot_table(index="image", columns="score",
+                                                                    values="spearman")
+        if heart not in part:
+            continue
+        for family in catalogue.FAMILIES:
+            name = catalogue.primary(family)
+            if name not in part:
+                continue
+            rho, lo, hi = _mean_ci(part[name].to_numpy(dtype=float), n_boot, seed)
+            row = {"component": component, "family": family, "score": name, "n_images": int(part[name].notna().sum()),
+                   "spearman": rho, "spearman_lo": lo, "spearman_hi": hi}
+            if family != "heart":
+                diff = (part[heart] - part[name]).to_numpy(dtype=float)
+                d, d_lo, d_hi = _mean_ci(diff, n_boot, seed)
+                row.update(heart_minus=d, heart_minus_lo=d_lo, heart_minus_hi=d_hi,
+                           n_paired=int(np.isfinite(diff).sum()),
+                           relation="better" if d_lo > 0 else "worse" if d_hi < 0 else "overlap")
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def best_of_variants(table: pd.DataFrame) -> pd.DataFrame:
+    """Secondary view: each family's best (score, variant) per component, with how many variants the
+    family had there (best-of-many favours the families with more)."""
+    rows = []
+    for component, part in table.groupby("component", sort=False):
+        families = part["score"].map(lambda n: catalogue.score(n).family)
+        for family in catalogue.FAMILIES:
+            mine = part[families == family]
+            if mine.empty or not mine["spearman"].notna().any():
+                continue
+            best = mine.loc[mine["spearman"].idxmax()]
+            rows.append({"component": component, "family": family, "variants": len(mine), "score": best["score"],
+                         "variant": best["variant"], "spearman": best["spearman"], "spearman_lo": best["spearman_lo"],
+                         "spearman_hi": best["spearman_hi"], "n_images": best["n_images"]})
+    return pd.DataFrame(rows)
+
+
+def truth_agreement(raw: RawScores, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """How the two token truths differ, per layer: the per-image rank correlation of dropping ΔL with
+    zeroing ΔL, and the share of tokens whose ΔL has the same sign under both (tokens with both)."""
+    p = raw.num_prefix_tokens
+    rows = []
+    for layer in sorted(raw.loo_tokens):
+        drop, zero = raw.loo_tokens[layer][:, p:], raw.loo_tokens_zero.get(layer, np.full(0, np.nan))
+        if zero.size == 0:
+            continue
+        zero = zero[:, p:]
+        both = np.isfinite(drop) & np.isfinite(zero)
+        with np.errstate(invalid="ignore"):
+            same_sign = np.where(both, np.sign(drop) == np.sign(zero), np.nan)
+            agree = np.nanmean(same_sign, axis=1)
+        rho, lo, hi = _mean_ci(rowwise_spearman(drop, zero), n_boot, seed)
+        share, s_lo, s_hi = _mean_ci(agree, n_boot, seed)
+        rows.append({"layer": layer, "n_images": int(np.isfinite(agree).sum()),
+                     "tokens_per_image": float(both.sum(1).mean()), "spearman": rho, "spearman_lo": lo,
+                     "spearman_hi": hi, "same_sign": share, "same_sign_lo": s_lo, "same_sign_hi": s_hi})
+    return pd.DataFrame(rows)
+
+
 def variant_table(table: pd.DataFrame) -> pd.DataFrame:
     """Spearman of raw / |S| / clamped side by side for the curvature scores."""
     curv = table[table["score"].isin(CURVATURE_SCORES)]
@@ -454,6 +621,19 @@ def run(params: Params, out: Path, progress: bool = True) -> dict[str, Any]:
     results.write_table(out / "correlations.csv", table, meta=meta)
     best = best_scores(table)
     results.write_table(out / "best.csv", best, meta=meta)
+    # C1 as pre-registered (primary vs primary, dropping truth), the best-of-variants view beside it,
+    # the token correlations against the zeroing truth, and how the two truths differ
+    primaries = primary_comparison(per_image, params.bootstrap, params.seed)
+    results.write_table(out / "primaries.csv", primaries, meta=meta)
+    variants = best_of_variants(table)
+    results.write_table(out / "best_of_variants.csv", variants, meta=meta)
+    per_image_zero = per_image_correlations(raw, "zero")
+    per_image_zero = per_image_zero[per_image_zero["component"].str.startswith("tokens@")]
+    table_zero = correlation_table(raw, per_image_zero, params.bootstrap, params.seed)
+    table_zero = table_zero[table_zero["component"].str.startswith("tokens")]
+    results.write_table(out / "correlations_zeroing.csv", table_zero, meta=meta)
+    truths = truth_agreement(raw, params.bootstrap, params.seed)
+    results.write_table(out / "truths.csv", truths, meta=meta)
     agreement = estimator_agreement(raw, params.bootstrap, params.seed)
     if len(agreement):
         results.write_table(out / "estimator_vs_exact.csv", agreement, meta=meta)
@@ -469,10 +649,88 @@ def run(params: Params, out: Path, progress: bool = True) -> dict[str, Any]:
         "aggregation": "tokens: Spearman/Kendall per image across non-prefix tokens of one layer, mean over "
                        "images; heads: per image across all heads, mean over images, and pooled image-mean "
                        "ranking; 95 % percentile bootstrap over images",
+        "truth": "leave-one-out ΔL of dropping the token from the sequence (as the pruned model does); "
+                 "heads: of removing the head",
+        "primaries": {family: catalogue.primary(family) for family in catalogue.FAMILIES},
     }
     results.write_json(out / "summary.json", summary)
     return {"raw": raw, "per_image": per_image, "table": table, "best": best, "agreement": agreement,
-            "summary": summary}
+            "summary": summary, "primaries": primaries, "best_of_variants": variants, "table_zero": table_zero,
+            "truths": truths}
+
+
+def findings_markdown(primaries: pd.DataFrame, truths: pd.DataFrame) -> str:
+    """The chapter's findings in a few sentences, every number from the tables (C1 as pre-registered)."""
+    if primaries.empty:
+        return "No primary comparison was computed (HEART's primary score is not among this run's scores)."
+    heart = catalogue.primary("heart")
+    lines = [f"HEART's score is the paper's: the raw curvature S of the per-layer single probe "
+             f"(`{heart}`, {catalogue.score(heart).label}); each other family's primary was declared in the "
+             "library before any result was read, and the truth is the loss change of dropping the token "
+             "from the sequence, as the pruned model does (for heads, of removing the head).", ""]
+    for component, part in primaries.groupby("component", sort=False):
+        own = part[part["family"] == "heart"].iloc[0]
+        others = part[part["family"] != "heart"]
+        counts = others["relation"].value_counts()
+        described = "; ".join(
+            f"{catalogue.score(r.score).label}: {r.heart_minus:+.2f} [{r.heart_minus_lo:+.2f}, {r.heart_minus_hi:+.2f}]"
+            for r in others.itertuples())
+        lines.append(f"- **{component}** (n = {own.n_images} images): HEART ρ = {own.spearman:.2f} "
+                     f"[{own.spearman_lo:.2f}, {own.spearman_hi:.2f}]; it ranks better than "
+                     f"{counts.get('better', 0)}, worse than {counts.get('worse', 0)} and indistinguishably from "
+                     f"{counts.get('overlap', 0)} of the {len(others)} other primaries (HEART minus other, paired "
+                     f"over images: {described}).")
+    if not truths.empty:
+        lines += ["", "The two token truths differ: per layer, dropping and zeroing a token rank the tokens alike "
+                  f"(ρ between {truths.spearman.min():.2f} and {truths.spearman.max():.2f}) but give the same sign of ΔL "
+                  f"for only {100 * truths.same_sign.min():.0f}–{100 * truths.same_sign.max():.0f} % of the tokens."]
+    return "\n".join(lines)
+
+
+def _interval(mean: float, lo: float, hi: float, signed: bool = False) -> str:
+    f = "+.2f" if signed else ".2f"
+    return f"{mean:{f}} [{lo:{f}}, {hi:{f}}]"
+
+
+def primaries_display(primaries: pd.DataFrame) -> pd.DataFrame:
+    """C1's table for reading: each family's primary, its ρ, and HEART minus it (paired)."""
+    return pd.DataFrame({
+        "component": primaries["component"],
+        "family": primaries["family"].str.replace("_", " "),
+        "primary score": primaries["score"].map(catalogue.label),
+        "Spearman ρ [95 % CI]": [_interval(r.spearman, r.spearman_lo, r.spearman_hi) for r in primaries.itertuples()],
+        "images": primaries["n_images"].astype(int),
+        "HEART − this, paired [95 % CI]": [
+            "" if r.family == "heart" else _interval(r.heart_minus, r.heart_minus_lo, r.heart_minus_hi, signed=True)
+            for r in primaries.itertuples()],
+        "HEART is": primaries["relation"].fillna("—") if "relation" in primaries else "—",
+    })
+
+
+def best_of_variants_display(variants: pd.DataFrame) -> pd.DataFrame:
+    """The secondary view: each family's best variant, with how many variants it had (per-layer
+    token rows stay in the CSV)."""
+    variants = variants[~variants["component"].str.contains("@")]
+    return pd.DataFrame({
+        "component": variants["component"], "family": variants["family"].str.replace("_", " "),
+        "variants tried": variants["variants"].astype(int),
+        "best": [f"{catalogue.label(r.score)}" + ("" if r.variant == "raw" else f" ({r.variant})")
+                 for r in variants.itertuples()],
+        "Spearman ρ [95 % CI]": [_interval(r.spearman, r.spearman_lo, r.spearman_hi) for r in variants.itertuples()],
+        "images": variants["n_images"].astype(int),
+    })
+
+
+def truths_display(truths: pd.DataFrame) -> pd.DataFrame:
+    """How the dropping and zeroing truths differ, per layer."""
+    return pd.DataFrame({
+        "block input": truths["layer"].astype(int), "images": truths["n_images"].astype(int),
+        "tokens per image": truths["tokens_per_image"].round().astype(int),
+        "Spearman ρ, drop vs zero [95 % CI]": [_interval(r.spearman, r.spearman_lo, r.spearman_hi)
+                                               for r in truths.itertuples()],
+        "same sign of ΔL [95 % CI]": [f"{100 * r.same_sign:.0f} % [{100 * r.same_sign_lo:.0f}, "
+                                      f"{100 * r.same_sign_hi:.0f}]" for r in truths.itertuples()],
+    })
 
 
 def display_table(table: pd.DataFrame, component: str | None = None) -> pd.DataFrame:

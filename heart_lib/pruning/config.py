@@ -158,8 +158,10 @@ class PruningConfig:
         """The compact text form; `PruningConfig.parse(c.to_string()) == c`."""
         items = []
         if self.layers:
+            # repr is the shortest text that reads back as the same float: a parsed schedule keeps
+            # (and merges) exactly the tokens this one does.
             ratios = sorted(set(self.keep))
-            ratio_text = (f"{ratios[0]:g}" if len(ratios) == 1 else ",".join(f"{r:g}" for r in self.keep))
+            ratio_text = (repr(ratios[0]) if len(ratios) == 1 else ",".join(repr(r) for r in self.keep))
             items.append(f"tokens={ratio_text}@{','.join(str(v) for v in self.layers)}")
         defaults = PruningConfig()
         if self.layers or self.selector != defaults.selector:

@@ -67,6 +67,7 @@ class PrunedViT(nn.Module):
         self.model = model
         self.config = config
         self.prefix = int(model.num_prefix_tokens)
+        self.has_class_token = getattr(model, "cls_token", None) is not None
         self.gate = gate
         self._oracle = oracle
         self.keep_index = keep_index
@@ -172,7 +173,7 @@ class PrunedViT(nn.Module):
             if not peer:
                 x = block(state.x, attn_mask=mask) if mask is not None else block(state.x)
                 if want_cls:
-                    context["cls_attn"] = cls_attention_from_qkv(store["qkv"], block.attn)
+                    context["cls_attn"] = cls_attention_from_qkv(store["qkv"], block.attn, self.has_class_token)
                 return TokenState(x, state.index, state.size)
             x = state.x + block.drop_path1(block.ls1(block.attn(block.norm1(state.x), attn_mask=mask)))
         finally:
@@ -180,7 +181,7 @@ class PrunedViT(nn.Module):
                 handle.remove()
         target = kept_tokens(n_body, self._keep[layer], selector)
         x, index, size = self.entry.reduce(PeerSite(x, state.index, state.size, store["qkv"], block.attn,
-                                                    self.prefix, target))
+                                                    self.prefix, target, self.has_class_token))
         x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
         return TokenState(x, index, size)
 

@@ -7,12 +7,16 @@
   attention, split tokens alternately into sets A and B, match each A token to its most similar B
   token (cosine similarity of the keys averaged over heads), merge the r most similar pairs by a
   size-weighted average, and track token sizes so later attention is proportional
-  (log size added to the attention logits).
+  (log size added to the attention logits). Where the paper leaves details open (which set the
+  class token joins, the order of the tokens after a merge, the cap on r) we follow its reference
+  code (facebookresearch/ToMe, tome/merge.py), read but not copied: it is CC BY-NC.
 
 Pure functions on tensors; the wrapper in `model.py` calls them between a block's attention and MLP.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -46,37 +50,50 @@ def evit_reduce(x: torch.Tensor, index: torch.Tensor, cls_attn: torch.Tensor, pr
 
 def tome_merge(x: torch.Tensor, index: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, prefix: int, r: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ToMe bipartite soft matching: merge `r` tokens away.
+    """ToMe bipartite soft matching: merge `r` tokens away, as the paper's reference code does.
 
     x [B, n, D], index [B, n], size [B, n] (original tokens represented), keys [B, n, d] (mean over
-    heads). Prefix tokens take no part (never merged, never absorb). Returns x, index, size with
-    n - r tokens; a merged token keeps the position of its B (destination) token.
+    heads). Tokens alternate between set A (even positions, prefix tokens counted) and set B (odd
+    positions). Prefix tokens never merge: one in A is never a source, one in B never a destination.
+    Each A token is matched to its most similar B token (cosine similarity of the keys); the `r` best
+    matched A tokens are averaged into their partners, weighted by size. At most half of the
+    non-prefix tokens merge (⌊(n - prefix)/2⌋). Returns x, index, size with n - r tokens, ordered:
+    prefix tokens, the unmerged A tokens in their original order, then the B tokens; a merged token
+    keeps the position of its B (destination) token.
     """
-    body, body_index, body_size, metric = x[:, prefix:], index[:, prefix:], size[:, prefix:], keys[:, prefix:]
-    r = min(r, (body.shape[1] + 1) // 2)
+    n = x.shape[1]
+    r = min(r, (n - prefix) // 2)
     if r <= 0:
         return x, index, size
-    metric = metric / metric.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    a_metric, b_metric = metric[:, ::2], metric[:, 1::2]
-    similarity = a_metric @ b_metric.transpose(1, 2)  # [B, |A|, |B|]
+    positions = torch.arange(n, device=x.device)
+    a_pos, b_pos = positions[0::2], positions[1::2]
+    metric = keys / keys.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    similarity = metric[:, a_pos] @ metric[:, b_pos].transpose(1, 2)  # [B, |A|, |B|]
+    similarity[:, a_pos < prefix, :] = -math.inf  # a prefix token in A never merges away
+    similarity[:, :, b_pos < prefix] = -math.inf  # nothing merges into a prefix token in B
     best, best_b = similarity.max(dim=-1)
     edges = best.argsort(dim=-1, descending=True)
-    src, keep_a = edges[:, :r], edges[:, r:]
+    src, unmerged = edges[:, :r], edges[:, r:].sort(dim=-1).values
     dst = best_b.gather(1, src)
 
-    a_x, b_x = body[:, ::2], body[:, 1::2]
-    a_size, b_size = body_size[:, ::2], body_size[:, 1::2]
+    a_x, b_x = x[:, a_pos], x[:, b_pos]
+    a_size, b_size = size[:, a_pos], size[:, b_pos]
     # Size-weighted average: sum size*x into the destination, then divide by the summed size.
-    b_sum = b_x * b_size.unsqueeze(-1)
-    b_sum = b_sum.scatter_add(1, dst.unsqueeze(-1).expand(-1, -1, body.shape[-1]),
-                              _take(a_x * a_size.unsqueeze(-1), src))
+    b_sum = (b_x * b_size.unsqueeze(-1)).scatter_add(
+        1, dst.unsqueeze(-1).expand(-1, -1, x.shape[-1]), _take(a_x * a_size.unsqueeze(-1), src))
     b_size = b_size.scatter_add(1, dst, a_size.gather(1, src))
     b_x = b_sum / b_size.unsqueeze(-1)
 
-    out = torch.cat([x[:, :prefix], _take(a_x, keep_a), b_x], dim=1)
-    out_index = torch.cat([index[:, :prefix], body_index[:, ::2].gather(1, keep_a), body_index[:, 1::2]], dim=1)
-    out_size = torch.cat([size[:, :prefix], a_size.gather(1, keep_a), b_size], dim=1)
-    return out, out_index, out_size
+    out = torch.cat([_take(a_x, unmerged), b_x], dim=1)
+    out_index = torch.cat([index[:, a_pos].gather(1, unmerged), index[:, b_pos]], dim=1)
+    out_size = torch.cat([a_size.gather(1, unmerged), b_size], dim=1)
+    # Prefix tokens first, in their original order (the reference code does this for class and
+    # distillation tokens); every other token keeps its place.
+    first = torch.cat([(a_pos < prefix).nonzero().flatten(), len(a_pos) - r + (b_pos < prefix).nonzero().flatten()])
+    rest = torch.ones(n - r, dtype=torch.bool, device=x.device)
+    rest[first] = False
+    order = torch.cat([first, rest.nonzero().flatten()])
+    return out[:, order], out_index[:, order], out_size[:, order]
 
 
 def mean_keys(qkv: torch.Tensor, num_heads: int, head_dim: int, k_norm: torch.nn.Module | None = None) -> torch.Tensor:

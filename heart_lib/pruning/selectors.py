@@ -19,18 +19,31 @@ from torch import nn
 from timm.layers import Attention
 
 
-def cls_attention_from_qkv(qkv: torch.Tensor, attn: Attention) -> torch.Tensor:
-    """Class-token attention probabilities, averaged over heads, from a captured `attn.qkv` output.
+def class_attention(probs: torch.Tensor, has_class_token: bool) -> torch.Tensor:
+    """The one definition of "CLS attention" (sensitivity scores and the pruning selector alike):
+    the attention each token receives, mean over heads, from the class token's query row; in a
+    model without a class token (its first tokens are registers), the mean over every query row.
 
-    Only the class token's query row is computed (B·H·n·d multiply-adds), so the attention itself
-    can stay on timm's fused path, which never materialises the probabilities.
+    probs [B, H, q, n]: attention probabilities of the query rows at hand (the class token's row
+    first when there is one). Returns [B, n].
+    """
+    rows = probs[:, :, 0] if has_class_token else probs.mean(dim=2)
+    return rows.mean(dim=1)
+
+
+def cls_attention_from_qkv(qkv: torch.Tensor, attn: Attention, has_class_token: bool = True) -> torch.Tensor:
+    """`class_attention` from a captured `attn.qkv` output [B, n, 3·H·d].
+
+    With a class token only its query row is computed (B·H·n·d multiply-adds), so the attention
+    itself can stay on timm's fused path, which never materialises the probabilities.
     """
     b, n, _ = qkv.shape
     parts = qkv.view(b, n, 3, attn.num_heads, attn.head_dim)
-    q = attn.q_norm(parts[:, 0, 0])  # class token query [B, H, d]
-    k = attn.k_norm(parts[:, :, 1])  # keys [B, n, H, d]
-    logits = torch.einsum("bhd,bnhd->bhn", q, k) * attn.scale
-    return logits.softmax(dim=-1).mean(dim=1)
+    queries = parts[:, :1, 0] if has_class_token else parts[:, :, 0]  # [B, q, H, d]
+    q = attn.q_norm(queries.transpose(1, 2))  # [B, H, q, d]
+    k = attn.k_norm(parts[:, :, 1].transpose(1, 2))  # [B, H, n, d]
+    logits = torch.einsum("bhqd,bhnd->bhqn", q, k) * attn.scale
+    return class_attention(logits.softmax(dim=-1), has_class_token)
 
 
 def gather_scores(full: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
