@@ -46,7 +46,7 @@ def constant_merge_config(r: int, num_patches: int, depth: int, heads=(), select
     """ToMe's constant-r schedule (r merges in every block) as per-layer keep ratios."""
     keeps, n = [], num_patches
     for _ in range(depth):
-        r_eff = min(r, (n + 1) // 2, n - 1)  # never merge the last token away
+        r_eff = min(r, n // 2)  # ToMe merges at most half the tokens (so never the last one)
         keeps.append((n - r_eff) / n if n > 0 else 1.0)
         n -= r_eff
     return PruningConfig(layers=tuple(range(depth)), keep=tuple(keeps), selector=selector, heads=heads)

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from heart_lib import catalogue
+from heart_lib import catalogue, stats
 from heart_lib.experiments import sensitivity as chapter
 
 
@@ -66,7 +66,7 @@ def test_truth_agreement_reports_rank_and_sign_agreement():
 def test_bootstrap_intervals_are_as_wide_as_the_spread_allows():
     """A mean's 95 % interval cannot be narrower than about ±1.96·sd/√n (checked at n = 16)."""
     values = np.random.default_rng(2).normal(0.3, 0.25, 16)
-    mean, lo, hi = chapter._mean_ci(values, 4000, 0)
+    mean, lo, hi = stats.mean_interval(values, 4000, 0)
     half = 1.96 * values.std(ddof=1) / np.sqrt(len(values))
     assert mean == pytest.approx(values.mean())
     assert 0.8 * half < (hi - lo) / 2 < 1.2 * half

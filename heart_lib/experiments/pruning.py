@@ -314,50 +314,9 @@ def _match_keep(ctx: Context, target: float, selector: str, heads=(), **kw) -> P
     return planning.match_keep(_reduction_on(ctx), target, tuple(ctx.params.layers), selector, heads=heads, **kw)
 
 
-<<<<<<< HEAD
 def _heads_for(ctx: Context, scores: torch.Tensor, target: float) -> dict[int, tuple[int, ...]]:
     num_heads = {l: b.heads for l, b in enumerate(ctx.shape.blocks)}
     return planning.heads_for_target(scores, target, _reduction_on(ctx), num_heads)
-=======
-def tome_config(r: int, num_patches: int, depth: int, heads=(), selector: str = "tome") -> PruningConfig:
-    """ToMe's constant-r schedule (r merges in every block) as per-layer keep ratios."""
-    keeps, n = [], num_patches
-    for _ in range(depth):
-        r_eff = min(r, n // 2)  # ToMe merges at most half the tokens (never the last one)
-        keeps.append((n - r_eff) / n if n > 0 else 1.0)
-        n -= r_eff
-    return PruningConfig(layers=tuple(range(depth)), keep=tuple(keeps), selector=selector, heads=heads)
-
-
-def _match_tome(ctx: Context, target: float, selector: str = "tome") -> PruningConfig:
-    shape = ctx.shape
-    n, depth = shape.num_patches(), len(shape.blocks)
-    options = [tome_config(r, n, depth, selector=selector) for r in range(0, n // 2 + 1)]
-    return min(options, key=lambda c: abs(_reduction(ctx, c) - target))
-
-
-def _heads_for(ctx: Context, scores: torch.Tensor, target: float, base: PruningConfig | None = None
-               ) -> dict[int, tuple[int, ...]]:
-    """Remove the lowest-scored heads (at most H-1 per layer) until the FLOPs reduction is nearest `target`."""
-    base = base or PruningConfig()
-    flat = [(float(scores[l, h]), l, h) for l in range(scores.shape[0]) for h in range(scores.shape[1])
-            if not math.isnan(float(scores[l, h]))]
-    flat.sort()
-    removed: dict[int, list[int]] = {}
-    best = (abs(_reduction(ctx, base) - target), {})
-    limit = {l: b.heads - 1 for l, b in enumerate(ctx.shape.blocks)}
-    for _, l, h in flat:
-        if len(removed.get(l, [])) >= limit[l]:
-            continue
-        removed.setdefault(l, []).append(h)
-        heads = {k: tuple(v) for k, v in removed.items()}
-        gap = abs(_reduction(ctx, base.replace(heads=heads)) - target)
-        if gap < best[0]:
-            best = (gap, heads)
-        elif _reduction(ctx, base.replace(heads=heads)) > target:
-            break
-    return best[1]
->>>>>>> lead-12
 
 
 def sweep_items(ctx: Context) -> list[Item]:

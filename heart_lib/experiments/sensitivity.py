@@ -32,7 +32,8 @@ from heart_lib import sensitivity as S
 from heart_lib.experiments.common import model_and_dataset
 from heart_lib.gates import vit_info
 from heart_lib.progress import progress as progress_bar
-from heart_lib.stats import mean_interval, pooled_rank_correlation, rowwise_kendall, rowwise_spearman
+from heart_lib.stats import (mean_interval, paired_difference, pooled_rank_correlation, rowwise_kendall,
+                             rowwise_spearman)
 
 # Every score of the catalogue; the per-component ones (one HVP per component) on the first
 # `exact_limit` images only.
@@ -367,78 +368,6 @@ def _finite_rows(a: np.ndarray) -> np.ndarray:
     return np.isfinite(a.reshape(len(a), -1)).all(1)
 
 
-<<<<<<< HEAD
-def per_image_correlations(raw: RawScores) -> pd.DataFrame:
-    """One row per (image, component, score, variant) with Spearman and Kendall."""
-=======
-def _valid(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.isfinite(a) & np.isfinite(b)
-
-
-def _ranks(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Average ranks (1..n) along rows over the valid entries; NaN elsewhere."""
-    filled = np.where(valid, x, np.inf)  # invalid entries rank last, then are blanked
-    ranks = st.rankdata(filled, axis=1, method="average")
-    return np.where(valid, ranks, np.nan)
-
-
-def rowwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Spearman ρ of each row of a with the same row of b, over the columns where both are finite
-    (ties get average ranks); NaN where fewer than 3 such columns or a row is constant."""
-    a, b = np.atleast_2d(np.asarray(a, float)), np.atleast_2d(np.asarray(b, float))
-    valid = _valid(a, b)
-    ra, rb = _ranks(a, valid), _ranks(b, valid)
-    count = valid.sum(1, keepdims=True)  # rows without any valid column (e.g. no exact scores) give NaN
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ra -= np.nansum(ra, 1, keepdims=True) / count
-        rb -= np.nansum(rb, 1, keepdims=True) / count
-        num = np.nansum(ra * rb, 1)
-        den = np.sqrt(np.nansum(ra ** 2, 1) * np.nansum(rb ** 2, 1))
-        out = num / den
-    out[(valid.sum(1) < 3) | ~(den > 0)] = np.nan
-    return out
-
-
-def rowwise_kendall(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Kendall's τ-b of each row pair over the columns where both are finite (all pairs at once:
-    Σ sign(Δa)·sign(Δb) / sqrt(Σ|sign Δa| · Σ|sign Δb|))."""
-    a, b = np.atleast_2d(np.asarray(a, float)), np.atleast_2d(np.asarray(b, float))
-    valid = _valid(a, b)
-    a, b = np.where(valid, a, 0.0), np.where(valid, b, 0.0)
-    pair = valid[:, :, None] & valid[:, None, :]
-    sa = np.sign(a[:, :, None] - a[:, None, :]) * pair
-    sb = np.sign(b[:, :, None] - b[:, None, :]) * pair
-    num = (sa * sb).sum((1, 2))
-    den = np.sqrt(np.abs(sa).sum((1, 2)) * np.abs(sb).sum((1, 2)))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = num / den
-    out[(valid.sum(1) < 3) | ~(den > 0)] = np.nan
-    return out
-
-
-def _mean_ci(values: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, float]:
-    values = values[np.isfinite(values)]
-    if len(values) == 0:
-        return float("nan"), float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(values), size=(n_boot, len(values)))
-    boots = values[idx].mean(1)
-    return float(values.mean()), float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
-
-
-def _static_ci(score: np.ndarray, truth: np.ndarray, n_boot: int, seed: int) -> dict[str, float]:
-    """Correlation of image-averaged scores with image-averaged ΔL, bootstrap over images."""
-    keep = _finite_rows(score)
-    score, truth = score[keep].reshape(keep.sum(), -1), truth[keep].reshape(keep.sum(), -1)
-    rng = np.random.default_rng(seed)
-    idx = np.concatenate([np.arange(len(score))[None], rng.integers(0, len(score), (n_boot, len(score)))])
-    s_mean, t_mean = score[idx].mean(1), truth[idx].mean(1)  # [1 + n_boot, components]
-    rho, tau = rowwise_spearman(s_mean, t_mean), rowwise_kendall(s_mean, t_mean)
-    return {"spearman": rho[0], "spearman_lo": np.nanquantile(rho[1:], 0.025),
-            "spearman_hi": np.nanquantile(rho[1:], 0.975), "kendall": tau[0],
-            "kendall_lo": np.nanquantile(tau[1:], 0.025), "kendall_hi": np.nanquantile(tau[1:], 0.975)}
-
-
 def per_image_correlations(raw: RawScores, removal: str = "drop") -> pd.DataFrame:
     """One row per (image, component, score, variant) with Spearman and Kendall against the token
     truth of `removal` ("drop": the token leaves the sequence, as pruning does; "zero": its residual
@@ -446,7 +375,6 @@ def per_image_correlations(raw: RawScores, removal: str = "drop") -> pd.DataFram
     if removal not in S.REMOVALS:
         raise ValueError(f"removal = {removal!r}: allowed values are {list(S.REMOVALS)}")
     token_truth = raw.loo_tokens if removal == "drop" else raw.loo_tokens_zero
->>>>>>> lead-12
     rows = []
     p = raw.num_prefix_tokens
     for name, per_layer in raw.tokens.items():
@@ -548,12 +476,13 @@ def primary_comparison(per_image: pd.DataFrame, n_boot: int = 2000, seed: int = 
             name = catalogue.primary(family)
             if name not in part:
                 continue
-            rho, lo, hi = _mean_ci(part[name].to_numpy(dtype=float), n_boot, seed)
+            rho, lo, hi = mean_interval(part[name].to_numpy(dtype=float), n_boot, seed)
             row = {"component": component, "family": family, "score": name, "n_images": int(part[name].notna().sum()),
                    "spearman": rho, "spearman_lo": lo, "spearman_hi": hi}
             if family != "heart":
                 diff = (part[heart] - part[name]).to_numpy(dtype=float)
-                d, d_lo, d_hi = _mean_ci(diff, n_boot, seed)
+                d, d_lo, d_hi = paired_difference(part[heart].to_numpy(dtype=float),
+                                                  part[name].to_numpy(dtype=float), n_boot, seed)
                 row.update(heart_minus=d, heart_minus_lo=d_lo, heart_minus_hi=d_hi,
                            n_paired=int(np.isfinite(diff).sum()),
                            relation="better" if d_lo > 0 else "worse" if d_hi < 0 else "overlap")
@@ -592,8 +521,8 @@ def truth_agreement(raw: RawScores, n_boot: int = 2000, seed: int = 0) -> pd.Dat
         with np.errstate(invalid="ignore"):
             same_sign = np.where(both, np.sign(drop) == np.sign(zero), np.nan)
             agree = np.nanmean(same_sign, axis=1)
-        rho, lo, hi = _mean_ci(rowwise_spearman(drop, zero), n_boot, seed)
-        share, s_lo, s_hi = _mean_ci(agree, n_boot, seed)
+        rho, lo, hi = mean_interval(rowwise_spearman(drop, zero), n_boot, seed)
+        share, s_lo, s_hi = mean_interval(agree, n_boot, seed)
         rows.append({"layer": layer, "n_images": int(np.isfinite(agree).sum()),
                      "tokens_per_image": float(both.sum(1).mean()), "spearman": rho, "spearman_lo": lo,
                      "spearman_hi": hi, "same_sign": share, "same_sign_lo": s_lo, "same_sign_hi": s_hi})
