@@ -1,4 +1,4 @@
-"""Content digests of what results depend on: the library's source and the pinned packages.
+"""Content digests of what results depend on: the library's source and the packages it imports.
 
 `code_digest(*modules)` digests only the heart_lib modules that `modules` depend on: the transitive
 closure of their heart_lib imports, read with `ast` (imports inside functions included, and the
@@ -36,13 +36,6 @@ def library_digest() -> str:
     files = [p for p in LIBRARY_DIR.rglob("*") if p.is_file() and p.suffix in {".py", ".yaml", ".json"}
              and "__pycache__" not in p.parts]
     return digest_files(files, LIBRARY_DIR)
-
-
-@lru_cache(maxsize=1)
-def requirements_digest() -> str:
-    """Digest of the pinned environment (requirements.txt)."""
-    req = PROJECT_ROOT / "requirements.txt"
-    return hashlib.sha256(req.read_bytes()).hexdigest() if req.is_file() else "none"
 
 
 PACKAGE = "heart_lib"
@@ -100,8 +93,62 @@ def module_closure(*roots: str) -> frozenset[str]:
 
 
 def code_digest(*roots: str) -> str:
-    """Digest of the source of `roots` and every heart_lib module they depend on (see module docstring)."""
-    return digest_files([module_file(m) for m in module_closure(*roots)], LIBRARY_DIR)
+    """Digest of the source of `roots` and every heart_lib module they depend on (see module
+    docstring), and of the installed versions of the packages those modules import (with everything
+    those packages require): a new torch re-runs the chapters, a new documentation tool does not."""
+    closure = module_closure(*roots)
+    h = hashlib.sha256(digest_files([module_file(m) for m in closure], LIBRARY_DIR).encode())
+    for pin in package_versions(frozenset().union(*(third_party_imports(module_file(m).read_text())
+                                                     for m in closure))):
+        h.update(pin.encode() + b"\0")
+    return h.hexdigest()
+
+
+def third_party_imports(source: str) -> set[str]:
+    """Top-level names of the non-heart_lib modules `source` imports anywhere (stdlib included)."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.split(".")[0])
+    return names - {PACKAGE}
+
+
+@lru_cache(maxsize=1)
+def _providers() -> dict[str, list[str]]:
+    """Import name -> the installed distributions providing it (a scan of every installed package)."""
+    from importlib import metadata
+
+    return metadata.packages_distributions()
+
+
+@lru_cache(maxsize=None)
+def package_versions(import_names: frozenset[str]) -> tuple[str, ...]:
+    """'name==version' of the installed distributions providing `import_names` (the standard
+    library provides none) and of every distribution they require, transitively."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    providers = _providers()
+    todo = sorted({dist for name in import_names for dist in providers.get(name, ())})
+    seen: dict[str, str] = {}
+    while todo:
+        name = canonicalize_name(todo.pop())
+        if name in seen or name == PACKAGE.replace("_", "-"):
+            continue
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        seen[name] = dist.version
+        for text in dist.requires or ():
+            req = Requirement(text)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return tuple(f"{n}=={v}" for n, v in sorted(seen.items()))
 
 
 def modules_in(source: str) -> tuple[str, ...]:

@@ -3,8 +3,9 @@
 A notebook's *key* is a digest of everything its output depends on: the notebook source, its
 parameters, the source of the heart_lib modules its experiment module and its cells import
 (transitively, `provenance.code_digest`; an edit to an unrelated module re-runs nothing) and the
-pinned packages (the claims summary also depends on the other notebooks' keys, since it reads
-their results). An executed notebook is stored as `results/<profile>/<name>.ipynb` with its key and
+installed versions of the packages that code imports (a documentation package added to the pins
+re-runs nothing either; the claims summary also depends on the other notebooks' keys, since it
+reads their results). An executed notebook is stored as `results/<profile>/<name>.ipynb` with its key and
 the digests of the files it wrote in `results/<profile>/<name>/` in the metadata; it is re-executed
 when the key changes or those files no longer match.
 
@@ -38,7 +39,7 @@ import nbformat
 from heart_lib import config
 from heart_lib.data import sha256_file
 from heart_lib.paths import PROJECT_ROOT, results_root
-from heart_lib.provenance import code_digest, notebook_modules, requirements_digest
+from heart_lib.provenance import code_digest, notebook_modules
 from heart_lib.results import STAGE_FOR_ENV, STAGE_TO_ENV, ResultsNotWritable, file_mode, write_json
 
 KERNEL = "python3"
@@ -93,8 +94,7 @@ def notebook_key(profile: str, name: str, upstream: tuple[str, ...] = ()) -> str
         name,
         (config.NOTEBOOKS_DIR / f"{name}.ipynb").read_bytes().decode(),
         json.dumps(config.raw_profile_params(profile, name), sort_keys=True),
-        code_digest(*notebook_code(name)),
-        requirements_digest(),
+        code_digest(*notebook_code(name)),  # with the versions of the packages that code imports
         input_digest(profile, name),
         *upstream,
     ):

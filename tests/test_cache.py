@@ -71,3 +71,20 @@ def test_an_edit_reruns_only_the_chapters_that_depend_on_it(library_copy):
     assert runner.notebook_key("smoke", "baseline") == before["baseline"]
     assert runner.notebook_key("smoke", "pruning") != before["pruning"]
     assert results.cache_key("pruning", {"x": 1}, ("heart_lib.experiments.pruning",)) != sweep
+
+
+def test_package_versions_follow_what_the_code_imports(monkeypatch):
+    """The code digest holds the installed versions of the packages the modules import (and what those
+    require): a new torch changes it, a documentation package never enters it."""
+    pins = provenance.package_versions(frozenset({"timm", "os"}))
+    names = {p.split("==")[0] for p in pins}
+    assert {"timm", "torch", "safetensors"} <= names  # timm and what it requires; os is the standard library
+    assert not {"jupyter-book", "sphinx", "papermill"} & names
+    before = provenance.code_digest("heart_lib.experiments.baseline")
+    real = provenance.package_versions.__wrapped__
+
+    def bumped(names):
+        return tuple(p.replace("torch==", "torch==999.") for p in real(names))
+
+    monkeypatch.setattr(provenance, "package_versions", bumped)
+    assert provenance.code_digest("heart_lib.experiments.baseline") != before
