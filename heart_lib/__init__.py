@@ -7,6 +7,7 @@ the chapters' `Params`):
 | module | owns |
 |---|---|
 | `_compat`, `paths`, `progress` | platform workarounds; where files live; progress bars |
+| `timm_seam` | every reliance on timm internals (`_pos_embed`, the block halves, the qkv layout, the attention probe) |
 | `catalogue` | every method as one entry: sensitivity scores (family, primary, needs, formula) and token reducers (drop selectors, EViT/ToMe peers: where they act, kept-token rule, scorer/reducer, extra FLOPs); `label(name)` |
 | `stats` | Wilson intervals, bootstrap means and paired differences, row-wise Spearman/Kendall |
 | `provenance`, `results` | code digests (a module's heart_lib imports, transitively); atomic writes, tables, the one cache rule (`cache_key`, `cache_folder` under HEART_CACHE) |

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from timm.layers import Attention
 
+from heart_lib import timm_seam
+
 
 def cls_attention_from_qkv(qkv: torch.Tensor, attn: Attention) -> torch.Tensor:
     """Class-token attention probabilities, averaged over heads, from a captured `attn.qkv` output.
@@ -25,8 +27,7 @@ def cls_attention_from_qkv(qkv: torch.Tensor, attn: Attention) -> torch.Tensor:
     Only the class token's query row is computed (B·H·n·d multiply-adds), so the attention itself
     can stay on timm's fused path, which never materialises the probabilities.
     """
-    b, n, _ = qkv.shape
-    parts = qkv.view(b, n, 3, attn.num_heads, attn.head_dim)
+    parts = timm_seam.split_qkv(qkv, attn.num_heads, attn.head_dim)
     q = attn.q_norm(parts[:, 0, 0])  # class token query [B, H, d]
     k = attn.k_norm(parts[:, :, 1])  # keys [B, n, H, d]
     logits = torch.einsum("bhd,bnhd->bhn", q, k) * attn.scale
