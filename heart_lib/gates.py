@@ -25,6 +25,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from heart_lib import timm_seam
+
 __all__ = [
     "VitInfo", "GateSet", "vit_info", "check_layers", "attach_gates", "gates_attached", "num_prefix_tokens",
 ]
@@ -213,13 +215,14 @@ def attach_gates(model: nn.Module, *, token_layers: Iterable[int] | None = None,
         attn = blocks[layer].attn
         gates._handles.append(attn.proj.register_forward_pre_hook(_head_hook(gates, layer)))
         # timm applies attn_drop to the softmax output on the explicit path: a free place to read it.
-        if isinstance(getattr(attn, "attn_drop", None), nn.Module):
-            gates._handles.append(attn.attn_drop.register_forward_hook(_attention_hook(gates, layer)))
+        probe = timm_seam.attention_probe(attn)
+        if probe is not None:
+            gates._handles.append(probe.register_forward_hook(_attention_hook(gates, layer)))
     if record:  # attention maps for token layers too (CLS-attention scores of tokens at layer l)
         for layer in tl:
-            attn = blocks[layer].attn
-            if layer not in hl and isinstance(getattr(attn, "attn_drop", None), nn.Module):
-                gates._handles.append(attn.attn_drop.register_forward_hook(_attention_hook(gates, layer)))
+            probe = timm_seam.attention_probe(blocks[layer].attn)
+            if layer not in hl and probe is not None:
+                gates._handles.append(probe.register_forward_hook(_attention_hook(gates, layer)))
     return gates
 
 

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from timm.layers import Attention
 
+from heart_lib import timm_seam
+
 
 def check_sliceable(attn: nn.Module, where: str = "attention") -> None:
     """Raise ValueError when `attn` is not a timm Attention whose heads can be sliced independently."""
@@ -62,9 +64,7 @@ def slice_heads(attn: Attention, remove: Iterable[int]) -> Attention:
     if len(remove) >= heads:
         raise ValueError(f"cannot remove all {heads} heads of an attention layer; keep at least one")
     channels = kept_channels(heads, head_dim, remove)
-    # timm reshapes qkv output as (3, heads, head_dim): row j*attn_dim + h*head_dim + d.
-    qkv_rows = torch.cat([channels + j * attn_dim for j in range(3)])
-    attn.qkv = _sliced_linear(attn.qkv, rows=qkv_rows)
+    attn.qkv = _sliced_linear(attn.qkv, rows=timm_seam.qkv_rows(channels, attn_dim))
     attn.proj = _sliced_linear(attn.proj, cols=channels)
     if getattr(attn, "gate", None) is not None:
         attn.gate = _sliced_linear(attn.gate, rows=channels)

@@ -20,7 +20,7 @@ from torch import nn
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from heart_lib import catalogue, checks
+from heart_lib import catalogue, checks, timm_seam
 from heart_lib.catalogue import DropSite, PeerSite
 from heart_lib.pruning.config import PruningConfig, kept_tokens
 from heart_lib.pruning.heads import check_sliceable, slice_heads
@@ -94,8 +94,7 @@ class PrunedViT(nn.Module):
         return f"config={self.config.to_string()!r}"
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
+        return timm_seam.embed(self.model, images)
 
     def oracle_scores(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
         """HEART scores per original token position for the drop layers, from the head-sliced,
@@ -175,14 +174,14 @@ class PrunedViT(nn.Module):
                 if want_cls:
                     context["cls_attn"] = cls_attention_from_qkv(store["qkv"], block.attn, self.has_class_token)
                 return TokenState(x, state.index, state.size)
-            x = state.x + block.drop_path1(block.ls1(block.attn(block.norm1(state.x), attn_mask=mask)))
+            x = timm_seam.attention_half(block, state.x, mask)
         finally:
             if handle is not None:
                 handle.remove()
         target = kept_tokens(n_body, self._keep[layer], selector)
         x, index, size = self.entry.reduce(PeerSite(x, state.index, state.size, store["qkv"], block.attn,
                                                     self.prefix, target, self.has_class_token))
-        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        x = timm_seam.mlp_half(block, x)
         return TokenState(x, index, size)
 
     # ------------------------------------------------------------------ forward

@@ -20,6 +20,8 @@ import math
 
 import torch
 
+from heart_lib.timm_seam import split_qkv
+
 
 def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Rows `idx` [B, k] of `x` [B, n, ...]."""
@@ -98,8 +100,7 @@ def tome_merge(x: torch.Tensor, index: torch.Tensor, size: torch.Tensor, keys: t
 
 def mean_keys(qkv: torch.Tensor, num_heads: int, head_dim: int, k_norm: torch.nn.Module | None = None) -> torch.Tensor:
     """Keys averaged over heads [B, n, head_dim], from a captured `attn.qkv` output [B, n, 3·H·d]."""
-    b, n, _ = qkv.shape
-    k = qkv.view(b, n, 3, num_heads, head_dim)[:, :, 1]
+    k = split_qkv(qkv, num_heads, head_dim)[:, :, 1]
     if k_norm is not None:
         k = k_norm(k)
     return k.mean(dim=2)

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from timm.layers import Attention
 
+from heart_lib import timm_seam
+
 
 def class_attention(probs: torch.Tensor, has_class_token: bool) -> torch.Tensor:
     """The one definition of "CLS attention" (sensitivity scores and the pruning selector alike):
@@ -37,8 +39,7 @@ def cls_attention_from_qkv(qkv: torch.Tensor, attn: Attention, has_class_token: 
     With a class token only its query row is computed (B·H·n·d multiply-adds), so the attention
     itself can stay on timm's fused path, which never materialises the probabilities.
     """
-    b, n, _ = qkv.shape
-    parts = qkv.view(b, n, 3, attn.num_heads, attn.head_dim)
+    parts = timm_seam.split_qkv(qkv, attn.num_heads, attn.head_dim)  # [B, n, 3, H, d]
     queries = parts[:, :1, 0] if has_class_token else parts[:, :, 0]  # [B, q, H, d]
     q = attn.q_norm(queries.transpose(1, 2))  # [B, H, q, d]
     k = attn.k_norm(parts[:, :, 1].transpose(1, 2))  # [B, H, n, d]
