@@ -576,3 +576,74 @@ def claim_k3(folder: Path, params: Any):
 
 
 CLAIMS = (claim_k1, claim_k2, claim_k3)
+
+
+# ------------------------------------------------------------------ sentences for the chapter (from the tables)
+
+
+def setting_markdown(curv: pd.DataFrame, params: Params) -> str:
+    """What was run, from the results: models, images, training and fine-tuning."""
+    lines = []
+    for r in curv.itertuples():
+        if r.part == "cifar":
+            cached = " (checkpoint from the cache)" if bool(r.train_cached) else ""
+            lines.append(f"- **{r.model}** trained here from scratch on {int(r.train_images):,} CIFAR-10 training "
+                         f"images for {int(r.train_epochs)} epochs ({r.train_seconds:.0f} s{cached}); the paper trains "
+                         "ResNet-56 on all 50,000 for the full schedule. Fine-tuning: "
+                         f"{params.cifar_finetune_steps} SGD steps of {params.cifar_batch_size} augmented training "
+                         f"images, learning rate {params.cifar_finetune_lr}; tested on the {r.dataset} images.")
+        else:
+            tuned = (f"{params.vit_finetune_steps} SGD steps of {params.vit_batch_size} images of "
+                     f"{params.vit_calibration_dataset}, learning rate {params.vit_finetune_lr}, for the scores "
+                     f"{', '.join(params.vit_finetune_scores)}" if params.vit_finetune_scores and params.vit_finetune_steps
+                     else "none (accuracy right after pruning only)")
+            lines.append(f"- **{r.model}** ({r.weights} weights), tensors `{r.tensors}`, tested on {r.dataset}. "
+                         f"Fine-tuning: {tuned}.")
+        lines.append(f"  Calibration for the curvature: {int(r.calibration_images)} training images; "
+                     f"split {params.split}; merge factor {params.merge_factor}.")
+    return "\n".join(lines)
+
+
+def concentration_sentence(curv: pd.DataFrame) -> str:
+    """How concentrated v is, and what that means for ranking by |v|."""
+    parts = []
+    for r in curv.itertuples():
+        rest = 1 - r.fraction_for_90pct
+        parts.append(f"For {r.model}, half of ‖v‖² sits on {100 * r.fraction_for_50pct:.2f} % of its "
+                     f"{int(r.weights):,} pruned weights and 90 % on {100 * r.fraction_for_90pct:.2f} %: any sparsity "
+                     f"up to {100 * rest:.0f} % prunes only among weights that together hold 10 % of ‖v‖², where |v| "
+                     "is small everywhere and its ranking rests on the least accurate part of the estimate.")
+    return " ".join(parts)
+
+
+def findings_markdown(accuracy: pd.DataFrame, correct: dict[str, np.ndarray]) -> str:
+    """The three comparisons as tables with their verdict under the criteria of the claims page."""
+    blocks = []
+    for title, a, b in (("|v| (CAMP-HiVe) − |w| (magnitude), both merged", ("eigvec", "merge"), ("magnitude", "merge")),
+                        ("merge − zero, both scored by |v|", ("eigvec", "merge"), ("eigvec", "zero")),
+                        ("|w·v| − |v|, both merged", ("eigvec_weight", "merge"), ("eigvec", "merge")),
+                        ("OBD − |v|, both merged", ("obd", "merge"), ("eigvec", "merge"))):
+        diffs = comparisons(accuracy, correct, a, b)
+        if diffs.empty:
+            continue
+        blocks.append(f"**{title}** (top-1, points): {verdict_of(diffs)}\n\n"
+                      + difference_table(diffs).to_markdown(index=False))
+    kept = kept_accuracy(accuracy, correct)
+    if not kept.empty:
+        kept = kept.assign(model=kept["part"].map(dict(zip(accuracy["part"], accuracy["model"]))))
+        blocks.append("**CAMP-HiVe − the unpruned model after the same treatment** (top-1, points)\n\n"
+                      + difference_table(kept).to_markdown(index=False))
+    return "\n\n".join(blocks) + "\n\nVerdicts: all intervals above 0 = reproduced, any below 0 = not reproduced, " \
+        "otherwise inconclusive (the claims page states the criteria)."
+
+
+def latency_markdown(latency: pd.DataFrame) -> str:
+    if latency.empty:
+        return ("Dense latency was not measured under this profile (`measure_latency: false`): timings are taken "
+                "only on a quiet machine.")
+    table = pd.DataFrame({"model": latency["model"], "batch": latency["batch"],
+                          "median latency (ms)": latency["latency_median_ms"].map(lambda x: f"{x:.2f}"),
+                          "interquartile range (ms)": latency.apply(lambda r: f"{r.latency_p25_ms:.2f} – {r.latency_p75_ms:.2f}", axis=1),
+                          "CPU share": latency["cpu_share"].map(lambda x: f"{x:.2f}")})
+    return ("**Dense latency** (the project's timing harness `heart_lib.measure`, CPU, fp32; a CPU share well "
+            "below 1 means other processes competed):\n\n" + table.to_markdown(index=False))
