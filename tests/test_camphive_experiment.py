@@ -33,21 +33,21 @@ def _write(folder, eigvec_correct: int, magnitude_correct: int, n: int = 400, ve
 
 def test_claims_follow_the_paired_intervals(tmp_path):
     better = _write(tmp_path / "a", eigvec_correct=300, magnitude_correct=200)
-    assert camphive.claim_k1(better, claims.Params()).verdict == "reproduced"
-    assert camphive.claim_k2(better, claims.Params()).verdict == "reproduced"  # merge beats zero by 40 images
+    assert camphive.claim_ch1(better, claims.Params()).verdict == "reproduced"
+    assert camphive.claim_ch2(better, claims.Params()).verdict == "reproduced"  # merge beats zero by 40 images
     worse = _write(tmp_path / "b", eigvec_correct=200, magnitude_correct=300)
-    assert camphive.claim_k1(worse, claims.Params()).verdict == "not reproduced"
+    assert camphive.claim_ch1(worse, claims.Params()).verdict == "not reproduced"
     close = _write(tmp_path / "c", eigvec_correct=300, magnitude_correct=299)
-    assert camphive.claim_k1(close, claims.Params()).verdict == "inconclusive"
-    # K3: 90 points below the unpruned model at 50 % sparsity: accuracy not kept
-    assert camphive.claim_k3(worse, claims.Params()).verdict == "not reproduced"
+    assert camphive.claim_ch1(close, claims.Params()).verdict == "inconclusive"
+    # CH3: 90 points below the unpruned model at 50 % sparsity: accuracy not kept
+    assert camphive.claim_ch3(worse, claims.Params()).verdict == "not reproduced"
 
 
 def test_smoke_results_give_no_verdict_and_missing_results_say_which_file(tmp_path):
     smoke = _write(tmp_path / "s", eigvec_correct=300, magnitude_correct=200, verdicts=False)
-    row = camphive.claim_k1(smoke, claims.Params())
+    row = camphive.claim_ch1(smoke, claims.Params())
     assert row.verdict == "not testable here" and "smoke" in row.ours
-    assert "accuracy.csv" in camphive.claim_k2(tmp_path / "none", claims.Params()).ours
+    assert "accuracy.csv" in camphive.claim_ch2(tmp_path / "none", claims.Params()).ours
 
 
 def test_the_claims_summary_lists_the_camphive_rows():

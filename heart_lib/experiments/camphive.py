@@ -536,26 +536,26 @@ def _diff_text(diffs: pd.DataFrame) -> str:
                      f"[{100 * r.lo:+.1f}, {100 * r.hi:+.1f}] pts" for r in diffs.itertuples()) or "no comparison"
 
 
-def claim_k1(folder: Path, params: Any):
+def claim_ch1(folder: Path, params: Any):
     def compute(accuracy, correct):
         diffs = comparisons(accuracy, correct, ("eigvec", "merge"), ("magnitude", "merge"))
         return (f"|v| − |w| top-1: {_diff_text(diffs)}",
                 "paired 95 % bootstrap interval of the accuracy difference at each sparsity: all above 0 = "
                 "reproduced, any below 0 = not reproduced", verdict_of(diffs))
-    return _claim(folder, "K1", "CAMP-HiVe: curvature-guided scores keep accuracy better than magnitude at equal sparsity",
+    return _claim(folder, "CH1", "CAMP-HiVe: curvature-guided scores keep accuracy better than magnitude at equal sparsity",
                   compute)
 
 
-def claim_k2(folder: Path, params: Any):
+def claim_ch2(folder: Path, params: Any):
     def compute(accuracy, correct):
         diffs = comparisons(accuracy, correct, ("eigvec", "merge"), ("eigvec", "zero"))
         return (f"merge − zero top-1 (|v| scores): {_diff_text(diffs)}",
                 "paired 95 % bootstrap interval at each sparsity: all above 0 = reproduced, any below 0 = not reproduced",
                 verdict_of(diffs))
-    return _claim(folder, "K2", "CAMP-HiVe: merging pruned weights into partners beats zeroing them", compute)
+    return _claim(folder, "CH2", "CAMP-HiVe: merging pruned weights into partners beats zeroing them", compute)
 
 
-def claim_k3(folder: Path, params: Any):
+def claim_ch3(folder: Path, params: Any):
     max_drop = float(getattr(params, "max_top1_drop", 0.01))
 
     def compute(accuracy, correct):
@@ -572,10 +572,10 @@ def claim_k3(folder: Path, params: Any):
         return (text, f"accuracy kept = the interval of (pruned − equally fine-tuned unpruned) lies above "
                       f"−{100 * max_drop:.0f} pts at some sparsity ≥ 50 %; every such interval below it = not reproduced",
                 verdict)
-    return _claim(folder, "K3", "CAMP-HiVe: large reductions (≥ 50 % of the weights) with accuracy kept", compute)
+    return _claim(folder, "CH3", "CAMP-HiVe: large reductions (≥ 50 % of the weights) with accuracy kept", compute)
 
 
-CLAIMS = (claim_k1, claim_k2, claim_k3)
+CLAIMS = (claim_ch1, claim_ch2, claim_ch3)
 
 
 # ------------------------------------------------------------------ sentences for the chapter (from the tables)
