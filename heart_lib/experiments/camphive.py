@@ -421,7 +421,7 @@ def _pct(x: float) -> str:
 def curvature_table(curv: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({
         "model": curv["model"], "pruned tensors": curv["tensors"] + " (" + curv["tensor_count"].astype(str) + ")",
-        "weights": curv["weights"].map(lambda n: f"{n:,}"), "λ (top eigenvalue)": curv["eigenvalue"].map(lambda x: f"{x:.3g}"),
+        "weights": curv["weights"].map(lambda n: f"{n:,}"), "λ (largest |λ|)": curv["eigenvalue"].map(lambda x: f"{x:.3g}"),
         "iterations": curv["power_iterations"].astype(str) + curv["power_converged"].map({True: " (converged)", False: " (not converged)"}),
         "weights holding 50 % of ‖v‖²": curv["fraction_for_50pct"].map(lambda x: f"{100 * x:.2f} %"),
         "90 %": curv["fraction_for_90pct"].map(lambda x: f"{100 * x:.2f} %"),
@@ -436,7 +436,8 @@ def accuracy_table(accuracy: pd.DataFrame, part: str) -> pd.DataFrame:
     sub["score"] = sub["score"].map(camphive.SCORE_LABELS)
     sub["column"] = sub.apply(lambda r: f"{100 * r.sparsity:.0f} % {r.stage}", axis=1)
     table = sub.pivot_table(index=["score", "rule"], columns="column", values="cell", aggfunc="first", sort=False)
-    return table.reset_index()
+    table.columns.name = None
+    return table.reset_index().fillna("–")
 
 
 def unpruned_table(accuracy: pd.DataFrame) -> pd.DataFrame:
@@ -470,23 +471,29 @@ def accuracy_figure(accuracy: pd.DataFrame, part: str, rule: str = "merge"):
     plots.use_style()
     sub = accuracy[accuracy["part"] == part]
     stages = [s for s in ("pruned", "fine-tuned") if ((sub["stage"] == s) & (sub["score"] != "none")).any()]
-    fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.8), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(stages), figsize=(4.5 * len(stages) + 2, 3.8), sharey=True, squeeze=False,
+                             layout="constrained")
     markers = dict(zip(camphive.SCORES, "osD^v"))
     colours = dict(zip(camphive.SCORES, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for ax, stage in zip(axes[0], stages):
         ref = sub[(sub["score"] == "none") & (sub["stage"] == stage)]
         if len(ref):
             ax.axhline(100 * ref["top1"].iloc[0], ls="--", color="grey", label="unpruned")
-        for score in camphive.SCORES:
+        for k, score in enumerate(camphive.SCORES):
             line = sub[(sub["score"] == score) & (sub["rule"] == rule) & (sub["stage"] == stage)].sort_values("sparsity")
             if line.empty:
                 continue
-            ax.errorbar(100 * line["sparsity"], 100 * line["top1"],
+            # A small horizontal offset per score keeps overlapping intervals apart.
+            ax.errorbar(100 * line["sparsity"] + 0.8 * (k - 2), 100 * line["top1"],
                         yerr=[100 * (line["top1"] - line["top1_lo"]), 100 * (line["top1_hi"] - line["top1"])],
                         marker=markers[score], color=colours[score], capsize=3, label=camphive.SCORE_LABELS[score])
         ax.set(xlabel="weights removed (%)", title=f"{stage} ({rule})")
     axes[0][0].set_ylabel("top-1 accuracy (%)")
-    axes[0][-1].legend(fontsize=8, loc="lower left")
+    handles = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(handles.values(), handles.keys(), fontsize=8, loc="outside right center")
     fig.suptitle(sub["model"].iloc[0])
     return fig
 
@@ -616,25 +623,36 @@ def concentration_sentence(curv: pd.DataFrame) -> str:
     return " ".join(parts)
 
 
-def findings_markdown(accuracy: pd.DataFrame, correct: dict[str, np.ndarray]) -> str:
-    """The three comparisons as tables with their verdict under the criteria of the claims page."""
+def outcome_of(diffs: pd.DataFrame) -> str:
+    """The same reading as `verdict_of`, in words for comparisons that are not claims of the paper."""
+    return {"reproduced": "higher at every sparsity", "not reproduced": "lower at some sparsity",
+            "inconclusive": "not separated by the intervals", "not testable here": "no comparison"}[verdict_of(diffs)]
+
+
+def findings_markdown(accuracy: pd.DataFrame, correct: dict[str, np.ndarray], verdicts: bool = True) -> str:
+    """The paired comparisons as tables; the paper's claims with their verdict (none when `verdicts` is off)."""
     blocks = []
-    for title, a, b in (("|v| (CAMP-HiVe) − |w| (magnitude), both merged", ("eigvec", "merge"), ("magnitude", "merge")),
-                        ("merge − zero, both scored by |v|", ("eigvec", "merge"), ("eigvec", "zero")),
-                        ("|w·v| − |v|, both merged", ("eigvec_weight", "merge"), ("eigvec", "merge")),
-                        ("OBD − |v|, both merged", ("obd", "merge"), ("eigvec", "merge"))):
+    for title, claim, a, b in (("|v| (CAMP-HiVe) − |w| (magnitude), both merged", "CH1", ("eigvec", "merge"), ("magnitude", "merge")),
+                               ("merge − zero, both scored by |v|", "CH2", ("eigvec", "merge"), ("eigvec", "zero")),
+                               ("|w·v| − |v|, both merged", None, ("eigvec_weight", "merge"), ("eigvec", "merge")),
+                               ("OBD − |v|, both merged", None, ("obd", "merge"), ("eigvec", "merge"))):
         diffs = comparisons(accuracy, correct, a, b)
         if diffs.empty:
             continue
-        blocks.append(f"**{title}** (top-1, points): {verdict_of(diffs)}\n\n"
-                      + difference_table(diffs).to_markdown(index=False))
+        if not verdicts:
+            reading = "smoke profile, no verdict"
+        elif claim:
+            reading = f"claim {claim} **{verdict_of(diffs)}**"
+        else:
+            reading = outcome_of(diffs)
+        blocks.append(f"**{title}** (top-1, points): {reading}\n\n" + difference_table(diffs).to_markdown(index=False))
     kept = kept_accuracy(accuracy, correct)
     if not kept.empty:
         kept = kept.assign(model=kept["part"].map(dict(zip(accuracy["part"], accuracy["model"]))))
-        blocks.append("**CAMP-HiVe − the unpruned model after the same treatment** (top-1, points)\n\n"
-                      + difference_table(kept).to_markdown(index=False))
-    return "\n\n".join(blocks) + "\n\nVerdicts: all intervals above 0 = reproduced, any below 0 = not reproduced, " \
-        "otherwise inconclusive (the claims page states the criteria)."
+        blocks.append("**CAMP-HiVe − the unpruned model after the same treatment** (top-1, points; claim CH3 on the "
+                      "claims page)\n\n" + difference_table(kept).to_markdown(index=False))
+    return "\n\n".join(blocks) + ("\n\nReading: all intervals above 0 = reproduced (higher), any below 0 = not "
+                                 "reproduced (lower), otherwise inconclusive; the claims page states each criterion.")
 
 
 def latency_markdown(latency: pd.DataFrame) -> str:
