@@ -17,7 +17,7 @@ def _batches(seed: int = 0, count: int = 2):
     return [(torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(count)]
 
 
-def test_power_iteration_finds_the_top_eigenvector_of_the_dense_hessian():
+def test_power_iteration_finds_the_top_eigenvector_of_the_dense_hessian(one_thread):
     model, batches = _tiny().double(), [(x.double(), y) for x, y in _batches()]
     names = camphive.prunable_names(model)
     fn = camphive.loss_of_weights(model, names, batches)
@@ -72,7 +72,7 @@ def test_scores_follow_their_formulas():
     assert camphive.scores("eigvec_weight", w, eigenvector=v)["w"].tolist() == pytest.approx([0.2, 0.8, 0.3])
 
 
-def test_masks_stay_zero_through_fine_tuning_steps_and_regrow_without_enforcement():
+def test_masks_stay_zero_through_fine_tuning_steps_and_regrow_without_enforcement(one_thread):
     model = resnet_cifar.create("resnet8", seed=0)
     names = camphive.prunable_names(model)
     score = camphive.scores("magnitude", {n: p for n, p in model.named_parameters() if n in names})
@@ -116,3 +116,14 @@ def test_unknown_tensor_names_and_models_without_prunable_weights_are_rejected()
         camphive.prunable_names(_tiny(), "heads")
     with pytest.raises(ValueError, match="score = 'taylor'"):
         camphive.scores("taylor", {})
+
+
+def test_tensor_sets_of_a_vit_and_a_cifar_resnet(tiny_vit):
+    blocks = camphive.prunable_names(tiny_vit, "blocks_linear")
+    depth = len(tiny_vit.blocks)
+    assert len(blocks) == 4 * depth  # qkv, proj, fc1, fc2 per block; no patch embedding, no head
+    assert all(n.startswith("blocks.") and n.endswith(".weight") for n in blocks)
+    everything = camphive.prunable_names(tiny_vit, "all")
+    assert set(blocks) < set(camphive.prunable_names(tiny_vit, "conv_linear")) < set(everything)
+    resnet = camphive.prunable_names(resnet_cifar.create("resnet20"))
+    assert len(resnet) == 19 + 1  # 19 convolutions and the classifier (option-A shortcuts have no weights)
