@@ -95,7 +95,7 @@ DATASETS = ("cifar10", "synthetic")
 
 def cifar_tensors(split: str, limit: int | None = None, seed: int = 0, dataset: str = "cifar10") -> data.TensorImages:
     """CIFAR-10 `train`/`test` as uint8 images [N, 3, 32, 32] (decoded once, cached); a seeded
-    subset of `limit` images when given (the same rule as `data.image_dataset`). `dataset="synthetic"`:
+    subset of `limit` images when given (`data.image_dataset`'s rule). `dataset="synthetic"`:
     seeded random images and labels of the same shape (`limit` or 64 of them; smoke runs)."""
     if split not in ("train", "test"):
         raise ValueError(f"split = {split!r}: allowed values are 'train', 'test'")
@@ -106,20 +106,17 @@ def cifar_tensors(split: str, limit: int | None = None, seed: int = 0, dataset: 
         n = limit or 64
         return data.TensorImages(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
                                  torch.randint(0, 10, (n,), generator=g))
-    path = cache_dir() / f"cifar10-{split}-uint8.pt"
+    # Only the subset is decoded (decoding all 60,000 JPEGs costs more than a short training run).
+    path = cache_dir() / f"cifar10-{split}-{limit or 'all'}-seed{seed}-uint8.pt"
     if not path.is_file():
-        dataset = data.image_dataset(f"cifar10-{split}", _to_uint8)
-        images = torch.stack([dataset[i][0] for i in progress_bar(range(len(dataset)), f"decode cifar10-{split}")])
-        labels = torch.tensor(data.dataset_labels(dataset))
+        jpegs = data.image_dataset(f"cifar10-{split}", _to_uint8, limit=limit, seed=seed)
+        images = torch.stack([jpegs[i][0] for i in progress_bar(range(len(jpegs)), f"decode cifar10-{split}")])
+        labels = torch.tensor(data.dataset_labels(jpegs))
         tmp = path.with_suffix(".tmp")
         torch.save({"images": images, "labels": labels}, tmp)
         tmp.replace(path)
     blob = torch.load(path)
-    images, labels = blob["images"], blob["labels"]
-    if limit is not None and limit < len(images):
-        order = sorted(torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:limit].tolist())
-        images, labels = images[order], labels[order]
-    return data.TensorImages(images, labels)
+    return data.TensorImages(blob["images"], blob["labels"])
 
 
 def _to_uint8(image) -> torch.Tensor:
