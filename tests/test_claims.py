@@ -96,7 +96,7 @@ def test_c5_compares_with_the_equally_fine_tuned_baseline(results, tmp_path):
 
 def test_missing_results_are_named_not_guessed(results, tmp_path):
     table = claims.claims_table("p", _params(tmp_path))
-    assert list(table["claim"]) == ["C1", "C2", "C3", "C4", "C5", "C6"]
+    assert list(table["claim"]) == ["C1", "C2", "C3", "C4", "C5", "C6", "CH1", "CH2", "CH3"]
     assert set(table["verdict"]) == {"not testable here"}
     assert "primaries.csv" in table.set_index("claim").loc["C1", "ours"]
 

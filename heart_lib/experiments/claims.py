@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from heart_lib import catalogue
+from heart_lib.experiments import camphive
 from heart_lib.paths import PROJECT_ROOT, results_root
 
 VERDICTS = ("reproduced", "not reproduced", "inconclusive", "not testable here")
@@ -257,7 +258,8 @@ def claim_c6(folder: Path, params: Params) -> Row:
                verdict if ours else "not testable here", chapter)
 
 
-CLAIMS: tuple[Callable[[Path, Params], Row], ...] = (claim_c1, claim_c2, claim_c3, claim_c4, claim_c5, claim_c6)
+CLAIMS: tuple[Callable[[Path, Params], Row], ...] = (claim_c1, claim_c2, claim_c3, claim_c4, claim_c5, claim_c6,
+                                                     *camphive.CLAIMS)
 
 
 def claims_table(profile: str, params: Params) -> pd.DataFrame:
