@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -235,7 +236,11 @@ def load_model(spec: LlmSpec) -> tuple[Any, Any, dict[str, Any]]:
         if spec.dtype == "4bit":
             model = _reload_quantised(model, quant)
     if spec.dtype == "int8":
-        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        # torch 2.13 marks its quantised tensors deprecated (torchao is the successor) but this is still
+        # the stock CPU int8 path; the warning would otherwise land on every page that measures int8.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*deprecated", category=UserWarning)
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     if spec.dtype != "4bit":  # bitsandbytes places the model itself
         model = model.to(spec.device)
     model.eval()
