@@ -7,12 +7,13 @@ PROFILE ?= default
 JOBS ?= 1
 STAMP := $(VENV)/.installed
 
-.PHONY: help env data mathjax browser results book test reproduce lock clean-book
+.PHONY: help env measure-env data mathjax browser results book test reproduce lock clean-book
 
 help:
 	@echo "make book     environment + data + notebooks for PROFILE=$(PROFILE) + rendered book (book/_build/html)"
 	@echo "make test     the test suite (pytest)"
 	@echo "make env      the pinned virtual environment in $(VENV) (a no-op when up to date)"
+	@echo "make measure-env  Python 3.10+ environment for the measurement commands only, using the torch already installed"
 	@echo "make results  execute the notebooks of PROFILE into results/PROFILE/"
 	@echo "make reproduce  re-run PROFILE afresh and compare with the committed tables"
 
@@ -35,6 +36,19 @@ lock:
 	rm -rf build/lock-venv && $(PYTHON) -m venv build/lock-venv
 	build/lock-venv/bin/pip install --quiet -r requirements.in
 	build/lock-venv/bin/pip freeze | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' > requirements.txt
+
+# The measurement commands alone, for Python 3.10+ with a torch already installed (a Jetson's JetPack
+# wheel; seen through --system-site-packages), never the pinned CPU torch. Run them with
+# `.venv-measure/bin/python -m heart_lib measure-llm ...` (or `measure`).
+MEASURE_PYTHON ?= python3.10
+measure-env:
+	$(MEASURE_PYTHON) -m venv --system-site-packages .venv-measure
+	.venv-measure/bin/python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" || \
+	  { echo "no torch for $(MEASURE_PYTHON): install NVIDIA's JetPack wheel (see book/llm_howto.md) or a CPU torch first"; exit 1; }
+	.venv-measure/bin/pip install --quiet -r requirements-measure.txt
+	.venv-measure/bin/pip install --quiet --no-deps timm==1.0.31
+	.venv-measure/bin/pip install --quiet --no-deps --ignore-requires-python -e .
+	.venv-measure/bin/python -m heart_lib measure-llm --help >/dev/null && echo "measure environment ok"
 
 data: env
 	$(PY) -m heart_lib data

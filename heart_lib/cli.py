@@ -108,6 +108,14 @@ def parser() -> argparse.ArgumentParser:
         ms = sub.add_parser("measure", help="latency, throughput, memory and energy of a model on this device")
         measure_cli.add_arguments(ms)
         ms.set_defaults(func=_measure)
+    from heart_lib.measure import llm_cli
+
+    ml = sub.add_parser("measure-llm", help="causal LMs (Pythia) on this device: load, prefill, decode, memory, energy")
+    llm_cli.add_arguments(ml)
+    ml.set_defaults(func=llm_cli.main)
+    sl = sub.add_parser("select-llm", help="the best measured LLM configuration under power/latency/energy/memory limits")
+    llm_cli.add_select_arguments(sl)
+    sl.set_defaults(func=llm_cli.select_main)
     return top
 
 

@@ -20,8 +20,8 @@ def load_runs(root: str | Path) -> pd.DataFrame:
         raise FileNotFoundError(f"no measurements folder {root}; run `python -m heart_lib measure` first")
     frames = []
     for path in sorted(root.rglob("*.csv")):
-        if "raw" in path.relative_to(root).parts:
-            continue
+        if {"raw", "llm"} & set(path.relative_to(root).parts):
+            continue  # per-run detail, and LLM sessions (their own chapter, heart_lib.measure.llm_tables)
         frame = pd.read_csv(path)
         if "run_id" not in frame.columns:
             continue  # not a measurement table
