@@ -213,7 +213,7 @@ def page_reports(html: Path, tmp: Path) -> dict[str, dict]:
                               scratch.as_uri()])
         finally:
             scratch.unlink()
-        found = re.search(r'<pre id="heart-check">(.*?)</pre>', done.stdout, re.S)
+        found = re.search(r'<pre id="heart-check"[^>]*>(.*?)</pre>', done.stdout, re.S)  # the theme adds attributes
         import html as html_text
 
         reports[str(page.relative_to(html))] = (json.loads(html_text.unescape(found.group(1))) if found else
