@@ -653,9 +653,13 @@ def head_map_figure(raw: RawScores, scores: tuple[str, ...] = ("heart_exact", "h
     fig, axes = plt.subplots(1, len(panels), figsize=(plots.COLUMN_WIDTH, 2.9), squeeze=False)
     for ax, (title, unit, values) in zip(axes[0], panels):
         im = ax.imshow(values, cmap="viridis", aspect="auto")
+        ax.grid(False)
         ax.set_title(textwrap.fill(title, 18), fontsize=8)
+        ax.set_xticks(range(values.shape[1]))
+        ax.set_yticks(range(0, values.shape[0], 2 if values.shape[0] > 6 else 1))
         ax.set(xlabel="head", ylabel="layer" if ax is axes[0][0] else "")
-        bar = fig.colorbar(im, ax=ax, fraction=0.08, pad=0.03)
+        ax.tick_params(labelsize=7)
+        bar = fig.colorbar(im, ax=ax, shrink=0.9, pad=0.04)
         bar.set_label(unit, fontsize=7)
         bar.ax.tick_params(labelsize=6)
     return fig
