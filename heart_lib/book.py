@@ -9,6 +9,7 @@ are errors). The build is skipped when none of its inputs changed.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -43,6 +44,19 @@ def _inputs_digest(profile: str) -> str:
     return h.hexdigest()
 
 
+PARAMETER_TAGS = ("parameters", "injected-parameters")
+
+
+def without_parameter_cells(notebook: dict) -> dict:
+    """The executed notebook with its defaults cell and papermill's injected cell hidden from the page:
+    each chapter ends with a generated table of its parameters instead."""
+    for cell in notebook.get("cells", []):
+        tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+        if any(t in tags for t in PARAMETER_TAGS) and "remove-cell" not in tags:
+            tags.append("remove-cell")
+    return notebook
+
+
 def stage(profile: str, source: Path) -> None:
     """Copy the book sources and the profile's executed notebooks into `source`."""
     if source.exists():
@@ -53,7 +67,7 @@ def stage(profile: str, source: Path) -> None:
     for name in config.NOTEBOOK_ORDER:
         executed = results_root() / profile / f"{name}.ipynb"
         if executed.is_file():
-            shutil.copy2(executed, staged / f"{name}.ipynb")
+            (staged / f"{name}.ipynb").write_text(json.dumps(without_parameter_cells(json.loads(executed.read_text()))))
         else:
             (staged / f"{name}.md").write_text(
                 f"# {name.capitalize()}\n\nThis chapter has not been executed for the `{profile}` profile "

@@ -22,7 +22,7 @@ from heart_lib.paths import PROJECT_ROOT, profiles_root
 
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 # Run order; the claims summary reads the others' results, so it comes last.
-NOTEBOOK_ORDER = ("baseline", "sensitivity", "pruning", "finetune", "edge", "llm", "camphive", "claims")
+NOTEBOOK_ORDER = ("baseline", "sensitivity", "pruning", "finetune", "edge", "llm", "camphive", "hvp_toy", "claims")
 
 
 class ConfigError(ValueError):

@@ -11,6 +11,7 @@ from urllib.parse import unquote, urlparse
 import pytest
 
 from heart_lib import book, config, runner
+from heart_lib.paths import results_root
 
 
 @pytest.fixture(scope="session")
@@ -68,6 +69,33 @@ def test_every_chapter_page_exists(smoke_book):
         assert (html / page).is_file(), page
     for name in config.NOTEBOOK_ORDER:
         assert (html / "_staged" / f"{name}.html").is_file(), name
+
+
+def test_the_landing_page_answers_first(smoke_book):
+    """index.html opens the claims page: bottom line, verdict table, headline figure; smoke gives no verdicts."""
+    _, html = smoke_book
+    assert "_staged/claims.html" in (html / "index.html").read_text()
+    page = (html / "_staged" / "claims.html").read_text()
+    assert page.index("The bottom line") < page.index("<table") < page.index('id="fig-headline"')
+    assert "no verdicts" in page
+    for verdict in ("reproduced", "inconclusive", "not testable here"):
+        assert f"<strong>{verdict}</strong>" not in page  # a plumbing profile assesses nothing
+
+
+def test_every_chapter_ends_with_its_parameters(smoke_book):
+    _, html = smoke_book
+    for name in config.NOTEBOOK_ORDER:
+        page = (html / "_staged" / f"{name}.html").read_text()
+        assert "Parameters of this page" in page, name
+        assert page.count('class="heart-table"') >= 1, name
+        assert "profile = " not in page, f"{name}: a parameters cell is shown"
+
+
+def test_exercises_have_unfolding_solutions(smoke_book):
+    _, html = smoke_book
+    page = (html / "course.html").read_text()
+    assert page.count('class="admonition exercise') >= 5
+    assert "solution" in page and "dropdown" in page  # solutions and hints fold
 
 
 def test_every_image_and_internal_link_resolves(smoke_book):
@@ -136,3 +164,99 @@ def test_local_mathjax_typesets_the_method_chapter(smoke_book, tmp_path):
     _, html = smoke_book
     done = _headless([f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", (html / "method.html").as_uri()])
     assert "mjx-container" in done.stdout, done.stderr[-2000:]  # MathJax ran, from the book's own copy
+
+
+# ------------------------------------------------------------------------------------ layout, in a browser
+
+# Injected into a scratch copy of each page (the book itself carries nothing): records load errors,
+# then after layout every table/figure/image that reaches past the content column without a scroll
+# box of its own, and each image's load state, alt text and caption.
+_CHECK = """<script>
+window.__heartErrors = [];
+window.addEventListener("error", e => window.__heartErrors.push(String(e.message || (e.target && (e.target.src || e.target.href)))), true);
+window.addEventListener("load", () => setTimeout(() => {
+  const column = document.querySelector("article.bd-article") || document.querySelector("main");
+  const limit = column.getBoundingClientRect().right + 1;
+  const box = el => { for (let a = el; a && a !== column; a = a.parentElement) {
+      const o = getComputedStyle(a).overflowX; if (o === "auto" || o === "scroll" || o === "hidden") return a; } return el; };
+  const overflow = [];
+  for (const el of column.querySelectorAll("table, img, figure, pre")) {
+    const right = box(el).getBoundingClientRect().right;
+    if (right > limit) overflow.push(`${el.tagName.toLowerCase()}.${el.className} ends at ${Math.round(right)} px > ${Math.round(limit)} px`);
+  }
+  const images = [...column.querySelectorAll("img")].map(i => ({src: i.getAttribute("src"), loaded: i.complete && i.naturalWidth > 0,
+      alt: i.getAttribute("alt") || "", caption: !!(i.closest("figure") && i.closest("figure").querySelector("figcaption"))}));
+  const out = document.createElement("pre"); out.id = "heart-check";
+  out.textContent = JSON.stringify({errors: window.__heartErrors, overflow, images});
+  document.body.appendChild(out);
+}, 300));
+</script>"""
+
+
+def _pages(html: Path) -> list[Path]:
+    skip = {"genindex.html", "search.html", "index.html"}  # generated indexes; index.html only redirects
+    return sorted(p for p in html.rglob("*.html") if p.name not in skip and not p.name.endswith(".check.html")
+                  and not {"_static", "_sources", "_images"} & set(p.relative_to(html).parts))
+
+
+def page_reports(html: Path, tmp: Path) -> dict[str, dict]:
+    """Each page of a built book, laid out by headless Chromium at 1280 px: what _CHECK recorded."""
+    import json
+
+    reports = {}
+    for page in _pages(html):
+        text = page.read_text()
+        scratch = page.with_name(page.stem + ".check.html")
+        scratch.write_text(text.replace("<head>", "<head>" + _CHECK, 1))
+        try:
+            done = _headless([f"--user-data-dir={tmp / 'profile'}", "--window-size=1280,900", "--dump-dom",
+                              scratch.as_uri()])
+        finally:
+            scratch.unlink()
+        found = re.search(r'<pre id="heart-check"[^>]*>(.*?)</pre>', done.stdout, re.S)  # the theme adds attributes
+        import html as html_text
+
+        reports[str(page.relative_to(html))] = (json.loads(html_text.unescape(found.group(1))) if found else
+                                                 {"errors": [f"no layout report: {done.stderr[-300:]}"],
+                                                  "overflow": [], "images": []})
+        reports[str(page.relative_to(html))]["text"] = text
+    return reports
+
+
+@pytest.fixture(scope="session")
+def smoke_reports(smoke_book, tmp_path_factory):
+    _, html = smoke_book
+    return page_reports(html, tmp_path_factory.mktemp("chromium"))
+
+
+def _assert_readable(reports: dict[str, dict]) -> None:
+    problems = []
+    for page, report in reports.items():
+        problems += [f"{page}: error {e}" for e in report["errors"]]
+        problems += [f"{page}: overflows the column: {o}" for o in report["overflow"]]
+        for image in report["images"]:
+            if not image["loaded"]:
+                problems.append(f"{page}: image does not load: {image['src']}")
+            if not image["caption"]:
+                problems.append(f"{page}: image without a caption: {image['src']}")
+            if not image["alt"] or image["alt"].endswith(".png") or "/" in image["alt"]:
+                problems.append(f"{page}: image without real alt text: {image['src']} ({image['alt']!r})")
+        if "PosixPath(" in report["text"]:
+            problems.append(f"{page}: shows a PosixPath")
+    assert not problems, "\n".join(problems[:40])
+
+
+@pytest.mark.browser
+def test_every_smoke_page_loads_and_fits_the_column(smoke_reports):
+    assert len(smoke_reports) >= len(config.NOTEBOOK_ORDER) + 5
+    assert sum(len(r["images"]) for r in smoke_reports.values()) > 0
+    _assert_readable(smoke_reports)
+
+
+@pytest.mark.browser
+def test_the_default_book_loads_and_fits_the_column(tmp_path_factory):
+    """The committed default results, rendered (never re-executed) and checked like the smoke book."""
+    if not (results_root() / "default" / "claims.ipynb").is_file():
+        pytest.skip("no default results")
+    html = book.build("default", log=lambda *_: None)
+    _assert_readable(page_reports(html, tmp_path_factory.mktemp("chromium-default")))

@@ -128,10 +128,31 @@ def test_bad_criteria_are_refused():
 def test_claims_markdown_keeps_every_claim_and_escapes_cells(results, tmp_path):
     table = claims.claims_table("p", _params(tmp_path))
     table.loc[0, "ours"] = "a | b\nc"
-    text = claims.claims_markdown(table)
-    overview = [line for line in text.splitlines() if line.startswith("| C")]
-    assert [line.split("|")[1].strip() for line in overview] == list(table["claim"])
-    assert all(line.count(" | ") == 3 for line in overview)  # four cells each, none broken by the text
+    overview = [line for line in claims.verdict_markdown(table, "p").splitlines() if line.startswith("| **C")]
+    assert [line.split("**")[1] for line in overview] == list(table["claim"])
+    assert all(line.count(" | ") == 4 for line in overview)  # five cells each, none broken by the text
+    text = claims.claims_markdown(table, "p")
     assert "| ours | a \\| b c |" in text
     for claim, verdict in zip(table["claim"], table["verdict"]):
-        assert f"**{claim}: " in text and f"**{verdict}**" in text
+        assert f"### {claim}: " in text and f"**{verdict}**" in text
+
+
+def test_a_plumbing_profile_gives_no_verdicts(results, tmp_path):
+    table = claims.claims_table("p", _params(tmp_path))
+    assert not claims.gives_verdicts("smoke") and claims.gives_verdicts("default")
+    shown = claims.bottom_line(table, "smoke") + claims.verdict_markdown(table, "smoke") + claims.claims_markdown(
+        table, "smoke")
+    assert not any(f"**{verdict}**" in shown for verdict in claims.VERDICTS)
+    assert "no verdicts" in shown
+
+
+def test_the_bottom_line_counts_the_verdicts(results, tmp_path):
+    table = claims.claims_table("p", _params(tmp_path))
+    line = claims.bottom_line(table, "p")
+    assert f"**{len(table)}** not testable here" in line  # no result files: nothing can be tested
+
+
+def test_each_claim_says_how_the_setting_differs():
+    table = claims.claims_table("default", claims.Params())
+    assert table["differs"].str.len().gt(0).all()
+    assert table.set_index("claim").loc["C5", "differs"].count("paper:") >= 1

@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 
 from heart_lib import data, models, results
+from heart_lib import display as D
 from heart_lib.experiments.common import model_and_dataset
 
 # Published ImageNet-1k validation top-1 (%, 50,000 images) of the models the profiles use, to set
@@ -55,16 +56,15 @@ def run(params: Params, out: Path) -> tuple[pd.DataFrame, dict[str, float]]:
     return table, summary
 
 
-def summary_table(summary: dict[str, float]) -> pd.DataFrame:
+def summary_table(summary: dict[str, float]):
     """The summary as a small display table (percentages with 95 % intervals)."""
-    rows = []
-    for name, label in (("top1", "top-1 accuracy"), ("top5", "top-5 accuracy")):
-        rows.append({"metric": label, "value": f"{100 * summary[name]:.1f} %",
-                     "95 % interval": f"{100 * summary[name + '_lo']:.1f} – {100 * summary[name + '_hi']:.1f} %"})
-    rows.append({"metric": "mean cross-entropy", "value": f"{summary['loss']:.3f}",
+    rows = [{"metric": label, "value": f"{D.percent(summary[name])} %",
+             "95 % interval": f"{D.percent(summary[name + '_lo'])}–{D.percent(summary[name + '_hi'])} %"}
+            for name, label in (("top1", "top-1 accuracy"), ("top5", "top-5 accuracy"))]
+    rows.append({"metric": "mean cross-entropy (nats)", "value": f"{summary['loss']:.3f}",
                  "95 % interval": f"± {1.96 * summary['loss_sem']:.3f}"})
-    rows.append({"metric": "images", "value": f"{int(summary['n'])}", "95 % interval": ""})
-    return pd.DataFrame(rows).set_index("metric")
+    rows.append({"metric": "images", "value": f"{int(summary['n']):,}", "95 % interval": ""})
+    return D.table(pd.DataFrame(rows))
 
 
 def compare_with_published(model: str, summary: dict[str, float]) -> str:

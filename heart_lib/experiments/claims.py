@@ -20,6 +20,7 @@ import pandas as pd
 
 from heart_lib import catalogue
 from heart_lib.experiments import camphive
+from heart_lib.display import label as label_of
 from heart_lib.paths import PROJECT_ROOT, results_root
 
 VERDICTS = ("reproduced", "not reproduced", "inconclusive", "not testable here")
@@ -66,6 +67,7 @@ class Row:
     criterion: str
     verdict: str
     chapter: str
+    differs: str = ""  # how our setting differs from the paper's (model, data, resolution, epochs, device)
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
@@ -163,7 +165,7 @@ def claim_c3(folder: Path, params: Params) -> Row:
     near_text = ""
     if not near.empty:
         top = near.loc[(near["top1"]).idxmax()]
-        near_text = (f"; at ≈ 49 % fewer FLOPs the best configuration ({top['family']}, {top['method']}) keeps top-1 "
+        near_text = (f"; at ≈ 49 % fewer FLOPs the best configuration ({top['family']}, {label_of(top['method'])}) keeps top-1 "
                      f"{_pct(top['top1'])} vs {_pct(top['dense_top1_same_images'])} unpruned")
     verdict = "reproduced" if best >= 0.494 else "not reproduced"
     return Row("C3", statement, paper, f"{_pct(best)} with top-1 within {_pct(params.max_top1_drop)}{near_text}",
@@ -262,10 +264,81 @@ CLAIMS: tuple[Callable[[Path, Params], Row], ...] = (claim_c1, claim_c2, claim_c
                                                      *camphive.CLAIMS)
 
 
+# --------------------------------------------------------------------------- settings
+
+PLUMBING_PROFILES = ("smoke",)  # profiles that check the code path on random models: no verdicts
+PAPER_SETTING = {"model": "ViT-B/16, DeiT-B/16", "data": "ImageNet-1K (50,000 validation images), ImageNet-100",
+                 "resolution": "224 px", "fine-tuning": "100 epochs after pruning", "device": "GPU; Jetson AGX Orin"}
+MODEL_NAMES = {"deit_tiny_patch16_224": "DeiT-Tiny/16", "deit_small_patch16_224": "DeiT-S/16",
+               "deit_base_patch16_224": "DeiT-B/16", "vit_base_patch16_224": "ViT-B/16",
+               "vit_small_patch16_224": "ViT-S/16"}
+
+
+def gives_verdicts(profile: str) -> bool:
+    """Plumbing profiles (random tiny models) say nothing about the paper: they print no verdicts."""
+    return profile not in PLUMBING_PROFILES
+
+
+def _model(name: str, weights: str = "") -> str:
+    return MODEL_NAMES.get(name, name) + (" (random weights)" if weights == "none" else "")
+
+
+def _images(limit: int | None, dataset: str) -> str:
+    return f"{limit:,} images of {dataset}" if limit else dataset
+
+
+def _against_paper(ours: dict[str, str]) -> str:
+    """'model: DeiT-Tiny/16 (paper: ViT-B/16, DeiT-B/16); …' for every aspect that differs."""
+    return "; ".join(f"{aspect}: {value} (paper: {PAPER_SETTING[aspect]})" for aspect, value in ours.items()
+                     if value != PAPER_SETTING[aspect])
+
+
+def setting_differences(profile: str, params: Params) -> dict[str, str]:
+    """Per claim, how the setting the profile measured it in differs from the paper's; read from the
+    profile's parameters and the benchmark's device record (absent where the profile has none)."""
+    from heart_lib import config
+
+    def chapter(name: str):
+        try:
+            return config.load_params(profile, name)
+        except config.ConfigError:
+            return None
+
+    out: dict[str, str] = {}
+    if (p := chapter("sensitivity")) is not None:
+        out["C1"] = _against_paper({"model": _model(p.model, p.weights), "data": _images(p.limit, p.dataset),
+                                    "fine-tuning": "none (scores of the pretrained model)"})
+    if (p := chapter("pruning")) is not None:
+        out["C2"] = out["C3"] = _against_paper({"model": _model(p.model, p.weights),
+                                                "data": _images(p.limit, p.dataset),
+                                                "fine-tuning": "none (accuracy straight after pruning)"})
+    bench = _project_path(params.speed_benchmark)
+    if bench.is_file():
+        record = json.loads(bench.read_text())
+        device = record.get("device", {})
+        models = sorted({_model(r["model"]) for r in record.get("rows", [])})
+        out["C4"] = _against_paper({"model": ", ".join(models) + " with random weights (timing does not depend on them)",
+                                    "device": f"CPU ({device.get('cpu_model', '?')}, {device.get('threads', '?')} "
+                                              "threads)"})
+    if (p := chapter("finetune")) is not None:
+        parts = []
+        if p.transfer:
+            parts.append(f"{p.transfer_epochs} + {p.recovery_epochs} epochs on "
+                         f"{_images(p.transfer_train_limit, p.transfer_train)} at {p.transfer_image_size or 224} px")
+        if p.imagenet:
+            parts.append(f"{p.imagenet_epochs} epochs on {_images(p.imagenet_train_limit, p.imagenet_train)} "
+                         f"at {p.imagenet_image_size or 224} px")
+        out["C5"] = _against_paper({"model": _model(p.model, p.weights), "fine-tuning": "; ".join(parts)})
+    out["C6"] = _against_paper({"device": "the devices measured under results/devices/ (see the edge chapter)"})
+    return out
+
+
 def claims_table(profile: str, params: Params) -> pd.DataFrame:
-    """One row per claim, computed from the profile's results."""
+    """One row per claim, computed from the profile's results, with how its setting differs."""
     folder = results_root() / profile
-    return pd.DataFrame([vars(claim(folder, params)) for claim in CLAIMS])
+    differs = setting_differences(profile, params)
+    rows = [claim(folder, params) for claim in CLAIMS]
+    return pd.DataFrame([{**vars(row), "differs": row.differs or differs.get(row.claim, "")} for row in rows])
 
 
 def verdict_counts(table: pd.DataFrame) -> dict[str, int]:
@@ -277,20 +350,80 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def claims_markdown(table: pd.DataFrame) -> str:
-    """The claims for reading: an overview (claim, verdict, chapter), then one block per claim with
-    the paper's figure, ours and the setting in full (a single wide table squeezes the statements)."""
-    lines = ["| claim | statement | verdict | chapter |", "|---|---|---|---|"]
+VERDICT_MARKS = {"reproduced": "✔", "not reproduced": "✘", "inconclusive": "?", "not testable here": "–"}
+
+
+def verdict_text(verdict: str) -> str:
+    """A verdict as shown: a mark (readable without colour) and the word in bold."""
+    return f"{VERDICT_MARKS[verdict]} **{verdict}**"
+
+
+def _short(text: str, words: int = 16) -> str:
+    parts = str(text).split()
+    return " ".join(parts[:words]) + (" …" if len(parts) > words else "")
+
+
+def bottom_line(table: pd.DataFrame, profile: str) -> str:
+    """The page's first paragraph: how many claims hold, under which setting, in words."""
+    if not gives_verdicts(profile):
+        return (f"The `{profile}` profile only checks that every chapter runs, on a random tiny model and "
+                "synthetic images: its numbers say nothing about HEART-ViT, so this page gives **no verdicts**. "
+                "The `default` profile's book carries them.")
+    counts = verdict_counts(table)
+    tally = ", ".join(f"**{counts[v]}** {v}" for v in VERDICTS if counts.get(v))
+    held = [r.claim for r in table.itertuples() if r.verdict == "reproduced"]
+    failed = [r.claim for r in table.itertuples() if r.verdict == "not reproduced"]
+    return (f"Of the paper's {len(table)} claims, measured under the `{profile}` profile: {tally}. "
+            + (f"Reproduced here: {', '.join(held)}. " if held else "None is reproduced here. ")
+            + (f"Not reproduced: {', '.join(failed)}. " if failed else "")
+            + "Each verdict holds for our setting, which is far smaller than the paper's (each claim below says "
+              "how it differs); the evidence link leads to the chapter that measured it.")
+
+
+def verdict_markdown(table: pd.DataFrame, profile: str) -> str:
+    """The landing page's table: claim, paper, ours (shortened), verdict, link to the evidence."""
+    verdicts = gives_verdicts(profile)
+    lines = ["| claim | paper | ours | " + ("verdict | " if verdicts else "") + "evidence |",
+             "|---|---|---|" + ("---|" if verdicts else "") + "---|"]
     for row in table.itertuples():
-        lines.append(f"| {row.claim} | {_cell(row.statement)} | **{row.verdict}** | "
-                     f"[{row.chapter}]({row.chapter}.ipynb) |")
+        lines.append(f"| **{row.claim}** {_cell(row.statement)} | {_cell(row.paper)} | {_cell(_short(row.ours))} | "
+                     + (f"{verdict_text(row.verdict)} | " if verdicts else "")
+                     + f"[{row.chapter}]({row.chapter}.ipynb) · [details](#claim-{row.claim.lower()}) |")
+    return "\n".join(lines) + "\n"
+
+
+def claims_markdown(table: pd.DataFrame, profile: str = "default") -> str:
+    """One block per claim: the paper's figure, ours, the setting and how it differs, the criterion
+    and (for profiles that assess) the verdict."""
+    lines: list[str] = []
     for row in table.itertuples():
-        lines += ["", f"**{row.claim}: {row.statement}**", "",
+        lines += ["", f"(claim-{row.claim.lower()})=", f"### {row.claim}: {row.statement}", "",
                   "| | |", "|---|---|",
                   f"| paper | {_cell(row.paper)} |", f"| ours | {_cell(row.ours)} |",
-                  f"| setting | {_cell(row.setting)} |", f"| criterion | {_cell(row.criterion)} |",
-                  f"| verdict | **{row.verdict}** |"]
-    return "\n".join(lines) + "\n"
+                  f"| setting | {_cell(row.setting)} |",
+                  f"| how our setting differs | {_cell(getattr(row, 'differs', '') or 'as in the paper')} |",
+                  f"| criterion | {_cell(row.criterion)} |"]
+        if gives_verdicts(profile):
+            lines.append(f"| verdict | {verdict_text(row.verdict)} |")
+        lines.append(f"| evidence | [{row.chapter}]({row.chapter}.ipynb) |")
+    return "\n".join(lines).lstrip() + "\n"
+
+
+def headline_figure(profile: str):
+    """Top-1 against FLOPs saved for token and joint pruning with the paper's 49.4 % marked (C2, C3);
+    None when the pruning chapter has no results."""
+    from heart_lib.experiments import pruning
+
+    path = results_root() / profile / "pruning" / "sweep.csv"
+    if not path.is_file():
+        return None
+    sweep = pd.read_csv(path)
+    fig = pruning.pareto_figure(sweep[sweep["images"] == "all"], families=("token", "joint"))
+    for ax in fig.axes[:2]:
+        ax.axvline(49.4, color="black", lw=0.8, ls=":")
+        ax.annotate("paper: 49.4 %", (49.4, 0), xycoords=("data", "axes fraction"), xytext=(3, 4),
+                    textcoords="offset points", fontsize=7)
+    return fig
 
 
 def verdict_colours(verdicts: pd.Series) -> np.ndarray:

@@ -9,7 +9,6 @@ pruned configurations with the unpruned model on the same device and batch size 
 from __future__ import annotations
 
 import math
-import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from heart_lib import display as D
 from heart_lib import results
 from heart_lib.measure import tables
 from heart_lib.paths import PROJECT_ROOT
@@ -172,18 +172,41 @@ def comparison_table(summary: pd.DataFrame) -> pd.DataFrame:
         "energy/img": pruned["energy_change"].map(fmt)}).reset_index(drop=True)
 
 
-def display_summary(summary: pd.DataFrame) -> pd.DataFrame:
-    """The per-configuration medians, rounded and renamed for the page."""
-    out = pd.DataFrame({
-        "device": summary["device_name"], "model": summary["model"], "pruning": summary["pruning"],
-        "batch": summary["batch_size"], "runs ok": summary["runs_ok"],
-        "GFLOPs/img": summary["flops_per_image"] / 1e9,
-        "latency ms (median)": summary["latency_median_ms"],
-        "latency IQR ms": summary["latency_iqr_ms"],
-        "ms/img": summary["latency_per_image_ms"], "img/s": summary["throughput_img_s"],
-        "peak MiB": summary["peak_memory_mb"], "J/img": summary["energy_per_image_j"],
-        "J/img above idle": summary["energy_per_image_above_idle_j"], "failures": summary["statuses"]})
-    return out.round(3)
+def _pruning_label(text: str) -> str:
+    return "unpruned" if text == "none" else text
+
+
+def display_summary(summary: pd.DataFrame):
+    """The per-configuration medians for the page: what ran, and its time, memory and energy."""
+    number = lambda column, digits=3: (lambda t: t[column].map(lambda v: D.number(v, digits)))  # noqa: E731
+    return D.table(summary, {
+        "device": "device_name", "model": "model", "pruning": lambda t: t["pruning"].map(_pruning_label),
+        "batch": "batch_size", "runs ok": "runs_ok", "GFLOPs / image": lambda t: (t["flops_per_image"] / 1e9).map(
+            lambda v: D.number(v, 3)),
+        "latency (ms, median)": number("latency_median_ms"), "latency IQR (ms)": number("latency_iqr_ms", 2),
+        "ms / image": number("latency_per_image_ms"), "images / s": number("throughput_img_s"),
+        "peak memory (MiB)": number("peak_memory_mb", 4), "energy / image (J)": number("energy_per_image_j"),
+        "failures": lambda t: t["statuses"].fillna("").map(lambda v: "" if v in ("", "ok") else v)})
+
+
+def devices_display(devices: pd.DataFrame):
+    """One row per device: the fingerprint columns that have a value, and the run conditions."""
+    headers = {"device": "device", "cpu_model": "processor", "gpu_name": "GPU", "jetson_model": "Jetson",
+               "l4t": "L4T", "jetpack": "JetPack", "nvpmodel": "power mode", "jetson_clocks": "clocks",
+               "precision": "precision", "threads": "threads", "torch": "torch", "timm": "timm",
+               "energy_source": "energy source", "energy_reason": "why no energy", "runs": "runs",
+               "runs_ok": "runs ok", "runs_contended": "runs contended",
+               "median_cpu_share": "CPU share (median)", "median_load_avg_1m_start": "load at start (median)"}
+    present = [c for c in headers if c in devices and devices[c].astype(str).str.strip().ne("").any()]
+    return D.table(devices, {headers[c]: (lambda t, c=c: t[c].map(lambda v: D.number(v, 2) if isinstance(v, float)
+                                                                  else v)) for c in present}, max_chars=48)
+
+
+def comparison_display(comparison: pd.DataFrame):
+    """Pruned against unpruned, changes in %."""
+    return D.table(comparison, {"device": "device", "model": "model", "batch": "batch",
+                                "pruning": "pruning", "FLOPs change": "FLOPs", "latency change": "latency",
+                                "throughput change": "throughput", "energy / image change": "energy/img"})
 
 
 def run(params: Params, out: Path) -> dict[str, pd.DataFrame]:
@@ -207,9 +230,9 @@ def run(params: Params, out: Path) -> dict[str, pd.DataFrame]:
 def figure(summary: pd.DataFrame):
     """Latency per image, throughput and energy per image against GFLOPs per image.
 
-    One colour per device, one marker per batch size; lines join the configurations of one model
-    on one device and batch, ordered by FLOPs. Error bars: the IQR of the latency across runs.
-    The energy panel says so when no device had an energy source, instead of staying blank.
+    One colour per model, one marker per batch size, one line style per device; lines join the
+    configurations of one model on one device and batch, ordered by FLOPs. Error bars: the IQR of
+    the latency across runs. The energy panel says so when no device had an energy source.
     """
     import matplotlib.pyplot as plt
 
@@ -218,37 +241,33 @@ def figure(summary: pd.DataFrame):
     plots.use_style()
     ok = summary[summary["runs_ok"] > 0].copy()
     ok["gflops"] = ok["flops_per_image"] / 1e9
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
-    panels = [("latency_per_image_ms", "latency per image (ms)"), ("throughput_img_s", "throughput (images/s)"),
-              ("energy_per_image_j", "energy per image (J)")]
-    devices = sorted(ok["device_name"].astype(str).unique())
-    palette = dict(zip(devices, plt.get_cmap("tab10").colors))
+    has_energy = "energy_per_image_j" in ok and ok["energy_per_image_j"].notna().any()
+    panels = [("latency_per_image_ms", "latency per image (ms)"), ("throughput_img_s", "throughput (images/s)")]
+    panels += [("energy_per_image_j", "energy per image (J)")] if has_energy else []
+    fig, axes = plt.subplots(1, len(panels), figsize=(plots.COLUMN_WIDTH, 3.6), squeeze=False)
+    models = sorted(ok["model"].astype(str).unique())
+    colour = {m: s["color"] for m, s in plots.styles(models).items()}
     batches = sorted(ok["batch_size"].unique())
-    markers = dict(zip(batches, "osD^v<>ph*"))
-    for ax, (col, label) in zip(axes, panels):
-        data = ok[ok[col].notna()] if col in ok else ok.iloc[0:0]
-        if data.empty:
-            reasons = summary.get("energy_reason", pd.Series(dtype=str)).dropna().astype(str).unique()
-            text = "\n".join(textwrap.fill(r, 48) for r in reasons[:2])
-            ax.text(0.5, 0.5, "No energy source on the measured devices.\n\n" + text,
-                    ha="center", va="center", fontsize=7.5, transform=ax.transAxes)
-            ax.set(title=label, xticks=[], yticks=[])
-            continue
+    markers = dict(zip(batches, plots.MARKERS))
+    devices = sorted(ok["device_name"].astype(str).unique())
+    line = dict(zip(devices, plots.LINESTYLES * 4))
+    for ax, (col, label) in zip(axes[0], panels):
+        data = ok[ok[col].notna()]
         for (device, model, batch), group in data.groupby(["device_name", "model", "batch_size"]):
             group = group.sort_values("gflops")
-            yerr = None
-            if col == "latency_per_image_ms":
-                half = (group["latency_iqr_ms"] / group["batch_size"] / 2).fillna(0).to_numpy()
-                yerr = half
-            ax.errorbar(group["gflops"], group[col], yerr=yerr, color=palette[str(device)],
-                        marker=markers[batch], ls="-", lw=1, ms=6, capsize=3, alpha=0.85)
+            yerr = (group["latency_iqr_ms"] / group["batch_size"] / 2).fillna(0).to_numpy() \
+                if col == "latency_per_image_ms" else None
+            ax.errorbar(group["gflops"], group[col], yerr=yerr, color=colour[str(model)], marker=markers[batch],
+                        ls=line[str(device)], lw=1.2, ms=5, capsize=2)
         # Log axes: tiny smoke models and ViT-B differ by orders of magnitude, and equal ratios
         # (the quantity compared) then read as equal distances.
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set(xlabel="GFLOPs per image (log)", ylabel=label + " (log)", title=label)
-    handles = [plt.Line2D([], [], color=palette[d], lw=2, label=d) for d in devices]
+        ax.set(xlabel="GFLOPs per image (log)", ylabel=label + " (log)")
+    handles = [plt.Line2D([], [], color=colour[m], lw=2, label=m) for m in models]
     handles += [plt.Line2D([], [], color="grey", marker=markers[b], ls="", label=f"batch {b}") for b in batches]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), bbox_to_anchor=(0.5, -0.08))
-    fig.suptitle("Pruned and unpruned configurations per device (medians over runs)")
+    if len(devices) > 1:
+        handles += [plt.Line2D([], [], color="grey", ls=line[d], label=d) for d in devices]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), frameon=False)
+    fig.tight_layout(rect=(0, 0.08 * (1 + (len(handles) - 1) // 4), 1, 1))
     return fig

@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 
 from heart_lib import data, models, results
+from heart_lib import display as D
 from heart_lib.finetune import TrainConfig, image_transform, materialize, model_at_resolution, train
 from heart_lib.finetune.recipe import AMP_MODES
 from heart_lib.flops import count_flops
@@ -349,24 +350,40 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
-def accuracy_table(accuracy: pd.DataFrame) -> pd.DataFrame:
+def accuracy_table(accuracy: pd.DataFrame):
     """Top-1 before and after fine-tuning per experiment and setting (%, 95 % Wilson intervals)."""
     rows = []
     for (experiment, setting), g in accuracy.groupby(["experiment", "setting"], sort=False):
-        row = {"experiment": experiment, "setting": setting, "pruning": g["pruning"].iloc[0],
-               "FLOPs reduction": f"{100 * g['flops_reduction'].iloc[0]:.1f} %"}
-        for _, r in g.iterrows():
-            row[f"top-1 {r['stage']}"] = f"{_pct(r['top1'])} % ({_pct(r['top1_lo'])}–{_pct(r['top1_hi'])})"
+        by_stage = g.set_index("stage")
+        row = {"experiment": experiment, "setting": setting,
+               "FLOPs saved (%)": D.percent(g["flops_reduction"].iloc[0])}
+        for stage in by_stage.index:
+            r = by_stage.loc[stage]
+            row[f"top-1 {stage} fine-tuning (%), 95 % CI"] = D.with_interval(r["top1"], r["top1_lo"], r["top1_hi"])
+        row["pruning"] = g["pruning"].iloc[0]
         rows.append(row)
-    return pd.DataFrame(rows).set_index(["experiment", "setting"])
+    return D.table(pd.DataFrame(rows))
 
 
-def recovery_table(recovery: pd.DataFrame) -> pd.DataFrame:
+def recovery_table(recovery: pd.DataFrame):
     """Recovery in percentage points with 95 % paired bootstrap intervals."""
-    shown = recovery.assign(**{"difference (pp)": [f"{100 * d:+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f})"
-                                                   for d, lo, hi in zip(recovery["difference"], recovery["lo"],
-                                                                        recovery["hi"])]})
-    return shown.set_index(["experiment", "setting", "meaning"])[["difference (pp)", "images"]]
+    return D.table(recovery, {
+        "experiment": "experiment", "setting": "setting", "comparison": "meaning",
+        "difference (pp), 95 % CI": lambda t: [D.with_interval(d, lo, hi, signed=True)
+                                               for d, lo, hi in zip(t["difference"], t["lo"], t["hi"])],
+        "test images": "images"}, max_chars=60)
+
+
+def history_table(history: pd.DataFrame):
+    """Per epoch of every training run: loss, learning rate, speed (and evaluation when recorded)."""
+    shown = {"experiment": "experiment", "setting": "setting", "stage": "stage", "epoch": "epoch"}
+    for column, header, digits in (("step", "steps", 3), ("lr", "learning rate (end)", 2),
+                                   ("train_loss", "train loss", 3), ("train_top1", "train top-1", 3),
+                                   ("eval_top1", "eval top-1", 3), ("train_seconds", "seconds", 3),
+                                   ("images_per_second", "images/s", 3)):
+        if column in history:
+            shown[header] = (lambda t, c=column, d=digits: t[c].map(lambda v: D.number(v, d)))
+    return D.table(history, shown)
 
 
 def scale_sentence(params: Params, accuracy: pd.DataFrame, history: pd.DataFrame) -> str:
@@ -437,7 +454,8 @@ def recovery_figure(accuracy: pd.DataFrame):
 
     plots.use_style()
     experiments = list(dict.fromkeys(accuracy["experiment"]))
-    fig, axes = plt.subplots(1, len(experiments), figsize=(5.2 * len(experiments), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(experiments), figsize=(plots.COLUMN_WIDTH, 3.4), squeeze=False, sharey=True)
+    colours = plots.styles(["before", "after"])
     for ax, experiment in zip(axes[0], experiments):
         g = accuracy[accuracy["experiment"] == experiment]
         settings = list(dict.fromkeys(g["setting"]))
@@ -445,11 +463,12 @@ def recovery_figure(accuracy: pd.DataFrame):
         for offset, stage in ((-0.18, "before"), (0.18, "after")):
             s = g[g["stage"] == stage].set_index("setting").loc[settings]
             err = np.vstack([s["top1"] - s["top1_lo"], s["top1_hi"] - s["top1"]]) * 100
-            ax.bar(x + offset, s["top1"] * 100, width=0.36, yerr=err, capsize=3, label=f"{stage} fine-tuning")
+            ax.bar(x + offset, s["top1"] * 100, width=0.36, yerr=err, capsize=3, label=f"{stage} fine-tuning",
+                   color=colours[stage]["color"], hatch="" if stage == "before" else "//", edgecolor="white")
         labels = [f"{st}\n−{100 * g[g['setting'] == st]['flops_reduction'].iloc[0]:.0f} % FLOPs" for st in settings]
         ax.set_xticks(x, labels)
-        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_ylabel("top-1 accuracy (%)" if ax is axes[0][0] else "")
         ax.set_title(f"{experiment} ({int(g['images'].iloc[0])} test images)")
-        ax.legend(loc="lower left", fontsize=8)
+        ax.legend(loc="lower left")
     fig.tight_layout()
     return fig

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from heart_lib.progress import progress
 
 from heart_lib import catalogue, data, models, planning, results
+from heart_lib import display as D
 from heart_lib.budget import Calibration, predicted_loss, schedule_for_budget
 from heart_lib.flops import count_flops, counted_flops, vit_shape
 from heart_lib.pruning import PruningConfig, prune, train_token_gate
@@ -512,40 +513,88 @@ def load_tables(out: Path) -> dict[str, pd.DataFrame]:
 # ------------------------------------------------------------------------------------------ display
 
 
-def accuracy_table(sweep: pd.DataFrame, family: str) -> pd.DataFrame:
-    """One family's rows as a display table: FLOPs reduction and top-1 with its 95 % Wilson interval."""
-    rows = sweep[sweep.family.isin([family, "dense"])].copy()
-    rows["FLOPs (G)"] = rows["gflops"].map(lambda v: f"{v:.3f}")
-    rows["FLOPs saved"] = rows["flops_reduction"].map(lambda v: f"{100 * v:.1f} %")
-    rows["top-1 (95 % CI)"] = [f"{100 * a:.1f} ({100 * lo:.1f}–{100 * hi:.1f})"
-                               for a, lo, hi in zip(rows.top1, rows.top1_lo, rows.top1_hi)]
-    rows["unpruned, same images"] = rows["dense_top1_same_images"].map(lambda v: f"{100 * v:.1f}")
-    rows["Δloss"] = rows["loss_increase"].map(lambda v: f"{v:+.3f}")
-    return rows[["level", "method", "images", "FLOPs (G)", "FLOPs saved", "top-1 (95 % CI)",
-                 "unpruned, same images", "Δloss", "config"]].reset_index(drop=True)
+def accuracy_table(sweep: pd.DataFrame, family: str):
+    """One family's rows for the page: method, level, FLOPs, top-1 with its 95 % Wilson interval."""
+
+    rows = sweep[sweep.family.isin([family, "dense"])]
+    return D.table(rows, {
+        "method": lambda t: [D.label(m) + (" †" if i != "all" else "") for m, i in zip(t.method, t.images)],
+        "level": lambda t: ["–" if l == "0" else l for l in t.level],
+        "GFLOPs": lambda t: t.gflops.map(lambda v: f"{v:.3f}"),
+        "FLOPs saved (%)": lambda t: t.flops_reduction.map(D.percent),
+        "top-1 (%), 95 % CI": lambda t: [D.with_interval(a, lo, hi) for a, lo, hi in zip(t.top1, t.top1_lo, t.top1_hi)],
+        "unpruned top-1, same images (%)": lambda t: t.dense_top1_same_images.map(D.percent),
+        "Δloss (nats)": lambda t: t.loss_increase.map(lambda v: f"{v:+.3f}"),
+        "configuration": "config",
+    })
 
 
-def pareto_figure(sweep: pd.DataFrame, title: str = "Accuracy vs FLOPs (no fine-tuning)"):
-    """Top-1 (with Wilson intervals) against FLOPs saved, one panel per family, one line per method."""
+SUBSET_NOTE = "† on the oracle subset of the images (see the column \"unpruned top-1, same images\")."
+
+
+def budget_table(budget: pd.DataFrame):
+    """Budget schedules: predicted against measured loss increase, FLOPs saved and top-1."""
+
+    return D.table(budget, {
+        "budget ε (nats)": lambda t: [b.replace("ε=", "") for b in t.budget],
+        "tokens chosen by": lambda t: [D.label(m) + (" †" if i != "all" else "") for m, i in zip(t.selector, t.images)],
+        "predicted ΔL (nats)": lambda t: t.predicted_loss_increase.map(lambda v: f"{v:.3f}"),
+        "measured ΔL, pseudo-label (nats)": lambda t: t.measured_pseudo_loss_increase.map(lambda v: f"{v:+.3f}"),
+        "measured ΔL, true label (nats)": lambda t: t.measured_loss_increase.map(lambda v: f"{v:+.3f}"),
+        "FLOPs saved (%)": lambda t: t.flops_reduction.map(D.percent),
+        "top-1 (%), 95 % CI": lambda t: [D.with_interval(a, lo, hi) for a, lo, hi in zip(t.top1, t.top1_lo, t.top1_hi)],
+        "configuration": "config",
+    })
+
+
+def costs_markdown(costs: dict[str, Any], flops_check: pd.DataFrame) -> str:
+    """The oracle's and the gate's costs and the FLOPs check, in three sentences from the results."""
+    layers = ", ".join(f"layer {k}: {v:.2f}" for k, v in costs["gate_spearman_heldout"].items())
+    return (f"* HEART oracle: {costs['oracle_seconds_per_image']:.2f} s per image, "
+            f"{costs['oracle_flops_over_dense_forward']:.1f}× the FLOPs of an unpruned forward pass\n"
+            f"* learned gate: {costs['gate_params']:,} parameters; held-out Spearman with HEART scores per layer: "
+            f"{layers}\n"
+            f"* FLOPs check: the analytic count differs from `FlopCounterMode` by at most "
+            f"{100 * flops_check.relative_error.abs().max():.2g} % over {len(flops_check)} configurations "
+            f"(FLOPs here are 2 × multiply-accumulates, the convention of `FlopCounterMode`)")
+
+
+def pareto_figure(sweep: pd.DataFrame, families: tuple[str, ...] = ("token", "head", "joint", "budget")):
+    """Top-1 (95 % Wilson bars) against FLOPs saved: one panel per family on shared axes, one colour and
+    marker per method (the same in every panel), the unpruned model as a dashed line."""
     from heart_lib import plots
     import matplotlib.pyplot as plt
 
     plots.use_style()
-    families = [f for f in ("token", "head", "joint", "budget") if f in set(sweep.family)]
-    fig, axes = plt.subplots(1, len(families), figsize=(5 * len(families), 4), sharey=True, squeeze=False)
+    families = [f for f in families if f in set(sweep.family)]
+    part = sweep[sweep.family.isin(families)]
+    names = [D.label(m) + (" (oracle subset)" if i != "all" else "") for m, i in zip(part.method, part.images)]
+    style = plots.styles(sorted(set(names)))
+    cols = min(2, len(families))
+    rows = -(-len(families) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(plots.COLUMN_WIDTH, 2.9 * rows + 0.9), sharex=True, sharey=True,
+                             squeeze=False)
     dense = sweep[sweep.family == "dense"].iloc[0]
-    for ax, family in zip(axes[0], families):
-        part = sweep[sweep.family == family]
-        for (method, images), group in part.groupby(["method", "images"]):
+    for ax, family in zip(axes.flat, families):
+        for (method, images), group in sweep[sweep.family == family].groupby(["method", "images"]):
             group = group.sort_values("flops_reduction")
-            label = f"{method}" + (" (oracle subset)" if images != "all" else "")
+            name = D.label(method) + (" (oracle subset)" if images != "all" else "")
             ax.errorbar(100 * group.flops_reduction, 100 * group.top1,
                         yerr=[100 * (group.top1 - group.top1_lo), 100 * (group.top1_hi - group.top1)],
-                        marker="o", capsize=3, label=label)
-        ax.axhline(100 * dense.top1, color="grey", ls="--", label="unpruned")
-        ax.set(title=family, xlabel="FLOPs saved (%)", ylabel="top-1 (%)")
-        ax.legend(fontsize=7)
-    fig.suptitle(title)
+                        capsize=2, ms=5, lw=1.2, label=name, **style[name])
+        ax.axhline(100 * dense.top1, color="grey", ls="--", lw=1)
+        ax.set_title({"token": "tokens only", "head": "heads only", "joint": "tokens and heads",
+                      "budget": "loss budgets"}.get(family, family))
+    for ax in axes.flat[len(families):]:
+        ax.remove()
+    for ax in axes[-1]:
+        ax.set_xlabel("FLOPs saved (%)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("top-1 (%)")
+    handles = [plt.Line2D([], [], ls="-", **style[n], label=n) for n in style]
+    handles.append(plt.Line2D([], [], color="grey", ls="--", label="unpruned"))
+    fig.legend(handles=handles, loc="lower center", ncol=3, bbox_to_anchor=(0.5, 0), frameon=False)
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * (-(-len(handles) // 3)), 1, 1))
     return fig
 
 
@@ -555,14 +604,18 @@ def budget_figure(budget: pd.DataFrame):
     import matplotlib.pyplot as plt
 
     plots.use_style()
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for (selector, images), group in budget.groupby(["selector", "images"]):
-        ax.plot(group.predicted_loss_increase, group.measured_pseudo_loss_increase, "o-",
-                label=f"{selector} ({images}), pseudo-label loss")
-        ax.plot(group.predicted_loss_increase, group.measured_loss_increase, "x--",
-                label=f"{selector} ({images}), true-label loss")
+    fig, ax = plt.subplots(figsize=(0.75 * plots.COLUMN_WIDTH, 4))
+    groups = list(budget.groupby(["selector", "images"]))
+    style = plots.styles([f"{s}|{i}" for (s, i), _ in groups])
+    for (selector, images), group in groups:
+        st = style[f"{selector}|{images}"]
+        name = D.label(selector) + (" (oracle subset)" if images != "all" else "")
+        ax.plot(group.predicted_loss_increase, group.measured_pseudo_loss_increase, ls="-", label=f"{name}, pseudo-label",
+                **st)
+        ax.plot(group.predicted_loss_increase, group.measured_loss_increase, ls="--", color=st["color"],
+                marker=st["marker"], mfc="white", label=f"{name}, true label")
     top = float(max(budget.predicted_loss_increase.max(), budget.measured_pseudo_loss_increase.max(), 1e-3))
     ax.plot([0, top], [0, top], color="grey", ls=":", label="measured = predicted")
-    ax.set(xlabel="predicted ΔL (nats)", ylabel="measured ΔL (nats)", title="Loss budget: predicted vs measured")
-    ax.legend(fontsize=7)
+    ax.set(xlabel="predicted ΔL (nats)", ylabel="measured ΔL (nats)")
+    ax.legend()
     return fig

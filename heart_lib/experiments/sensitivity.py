@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ import pandas as pd
 import torch
 
 from heart_lib import catalogue, data, models, results
+from heart_lib import display as D
 from heart_lib import sensitivity as S
 from heart_lib.experiments.common import model_and_dataset
 from heart_lib.gates import vit_info
@@ -616,60 +618,86 @@ def findings_markdown(primaries: pd.DataFrame, truths: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _interval(mean: float, lo: float, hi: float, signed: bool = False) -> str:
-    f = "+.2f" if signed else ".2f"
-    return f"{mean:{f}} [{lo:{f}}, {hi:{f}}]"
-
-
-def primaries_display(primaries: pd.DataFrame) -> pd.DataFrame:
-    """C1's table for reading: each family's primary, its ρ, and HEART minus it (paired)."""
-    return pd.DataFrame({
-        "component": primaries["component"],
-        "family": primaries["family"].str.replace("_", " "),
-        "primary score": primaries["score"].map(catalogue.label),
-        "Spearman ρ [95 % CI]": [_interval(r.spearman, r.spearman_lo, r.spearman_hi) for r in primaries.itertuples()],
-        "images": primaries["n_images"].astype(int),
-        "HEART − this, paired [95 % CI]": [
-            "" if r.family == "heart" else _interval(r.heart_minus, r.heart_minus_lo, r.heart_minus_hi, signed=True)
-            for r in primaries.itertuples()],
-        "HEART is": primaries["relation"].fillna("—") if "relation" in primaries else "—",
+def primaries_display(primaries: pd.DataFrame):
+    """C1's table for reading: each family's primary, its ρ, and HEART minus it (paired over images)."""
+    return D.table(primaries, {
+        "component": "component", "family": lambda t: t["family"].str.replace("_", " "),
+        "primary score": lambda t: t["score"].map(D.label), "images": "n_images",
+        "Spearman ρ, 95 % CI": lambda t: [D.with_interval(r.spearman, r.spearman_lo, r.spearman_hi, 2, 1)
+                                          for r in t.itertuples()],
+        "HEART − this, paired 95 % CI": lambda t: [
+            "" if r.family == "heart" else D.with_interval(r.heart_minus, r.heart_minus_lo, r.heart_minus_hi, 2, 1,
+                                                           signed=True) for r in t.itertuples()],
+        "HEART ranks": lambda t: t["relation"].fillna("").map(
+            {"better": "better", "worse": "worse", "overlap": "alike (interval spans 0)", "": ""}),
     })
 
 
-def best_of_variants_display(variants: pd.DataFrame) -> pd.DataFrame:
+def best_of_variants_display(variants: pd.DataFrame):
     """The secondary view: each family's best variant, with how many variants it had (per-layer
     token rows stay in the CSV)."""
     variants = variants[~variants["component"].str.contains("@")]
-    return pd.DataFrame({
-        "component": variants["component"], "family": variants["family"].str.replace("_", " "),
-        "variants tried": variants["variants"].astype(int),
-        "best": [f"{catalogue.label(r.score)}" + ("" if r.variant == "raw" else f" ({r.variant})")
-                 for r in variants.itertuples()],
-        "Spearman ρ [95 % CI]": [_interval(r.spearman, r.spearman_lo, r.spearman_hi) for r in variants.itertuples()],
-        "images": variants["n_images"].astype(int),
+    return D.table(variants, {
+        "component": "component", "family": lambda t: t["family"].str.replace("_", " "),
+        "variants tried": "variants",
+        "best": lambda t: [D.label(r.score) + ("" if r.variant == "raw" else f", {VARIANT_LABELS[r.variant]}")
+                           for r in t.itertuples()],
+        "images": "n_images",
+        "Spearman ρ, 95 % CI": lambda t: [D.with_interval(r.spearman, r.spearman_lo, r.spearman_hi, 2, 1)
+                                          for r in t.itertuples()],
     })
 
 
-def truths_display(truths: pd.DataFrame) -> pd.DataFrame:
+def truths_display(truths: pd.DataFrame):
     """How the dropping and zeroing truths differ, per layer."""
-    return pd.DataFrame({
-        "block input": truths["layer"].astype(int), "images": truths["n_images"].astype(int),
-        "tokens per image": truths["tokens_per_image"].round().astype(int),
-        "Spearman ρ, drop vs zero [95 % CI]": [_interval(r.spearman, r.spearman_lo, r.spearman_hi)
-                                               for r in truths.itertuples()],
-        "same sign of ΔL [95 % CI]": [f"{100 * r.same_sign:.0f} % [{100 * r.same_sign_lo:.0f}, "
-                                      f"{100 * r.same_sign_hi:.0f}]" for r in truths.itertuples()],
+    return D.table(truths, {
+        "block input": "layer", "images": "n_images",
+        "tokens per image": lambda t: t["tokens_per_image"].round().astype(int),
+        "Spearman ρ, drop vs zero, 95 % CI": lambda t: [D.with_interval(r.spearman, r.spearman_lo, r.spearman_hi, 2, 1)
+                                                        for r in t.itertuples()],
+        "same sign of ΔL, % (95 % CI)": lambda t: [D.with_interval(r.same_sign, r.same_sign_lo, r.same_sign_hi, 0)
+                                                   for r in t.itertuples()],
     })
 
 
-def display_table(table: pd.DataFrame, component: str | None = None) -> pd.DataFrame:
-    """Readable rows: score label, variant, 'ρ [lo, hi]' and 'τ [lo, hi]'."""
+def display_table(table: pd.DataFrame, component: str | None = None):
+    """Readable rows: score, variant, Spearman ρ and Kendall τ with their 95 % bootstrap intervals."""
     t = table if component is None else table[table["component"] == component]
-    return pd.DataFrame({
-        "component": t["component"], "score": t["score"].map(SCORE_LABELS), "variant": t["variant"],
-        "Spearman ρ [95 % CI]": [f"{r.spearman:.3f} [{r.spearman_lo:.3f}, {r.spearman_hi:.3f}]" for r in t.itertuples()],
-        "Kendall τ [95 % CI]": [f"{r.kendall:.3f} [{r.kendall_lo:.3f}, {r.kendall_hi:.3f}]" for r in t.itertuples()],
-    }).reset_index(drop=True)
+    columns = {} if component is not None else {"component": "component"}
+    return D.table(t, {
+        **columns, "score": lambda t: t["score"].map(D.label), "variant": lambda t: t["variant"].map(VARIANT_LABELS),
+        "images": "n_images",
+        "Spearman ρ, 95 % CI": lambda t: [D.with_interval(r.spearman, r.spearman_lo, r.spearman_hi, 2, 1)
+                                          for r in t.itertuples()],
+        "Kendall τ, 95 % CI": lambda t: [D.with_interval(r.kendall, r.kendall_lo, r.kendall_hi, 2, 1)
+                                         for r in t.itertuples()],
+    })
+
+
+VARIANT_LABELS = {"raw": "raw S", "abs": "|S|", "clamp": "max(S, 0)"}
+
+
+def variant_display(table: pd.DataFrame):
+    """Spearman ρ of each curvature estimator in its three variants, side by side."""
+    wide = variant_table(table)
+    return D.table(wide, {"component": "component", "score": lambda t: t["score"].map(D.label),
+                          **{f"ρ, {VARIANT_LABELS[v]}": (lambda t, v=v: t[v].map(lambda x: D.number(x, 2)))
+                             for v in VARIANT_LABELS if v in wide}})
+
+
+def agreement_table(agreement: pd.DataFrame):
+    """Each fast estimator's Spearman ρ with the exact diagonal, tokens and heads, 95 % intervals."""
+    return D.table(agreement, {
+        "estimator": lambda t: t["estimator"].map(D.label), "images": "images",
+        "tokens: ρ with exact, 95 % CI": lambda t: [D.with_interval(r.tokens_spearman, r.tokens_lo, r.tokens_hi, 2, 1)
+                                                    for r in t.itertuples()],
+        "heads: ρ with exact, 95 % CI": lambda t: [D.with_interval(r.heads_spearman, r.heads_lo, r.heads_hi, 2, 1)
+                                                   for r in t.itertuples()],
+    })
+
+
+COMPONENT_TITLES = {"tokens (mean over layers)": "tokens", "heads": "heads (per image)",
+                    "heads (image-mean ranking)": "heads (image mean)"}
 
 
 def correlation_figure(table: pd.DataFrame):
@@ -684,7 +712,7 @@ def correlation_figure(table: pd.DataFrame):
     best = {c: (lambda t: t.loc[t.groupby("score")["spearman"].idxmax()].set_index("score"))(
         table[table["component"] == c]) for c in comps}
     order = best[comps[0]].sort_values("spearman").index.tolist()
-    fig, axes = plt.subplots(1, len(comps), figsize=(4.2 * len(comps) + 3, 0.42 * len(order) + 1.6),
+    fig, axes = plt.subplots(1, len(comps), figsize=(plots.COLUMN_WIDTH, 0.3 * len(order) + 1.4),
                              sharey=True, squeeze=False)
     y = np.arange(len(order))
     for ax, comp in zip(axes[0], comps):
@@ -693,11 +721,11 @@ def correlation_figure(table: pd.DataFrame):
                     fmt="o", capsize=3)
         for yi, (rho, hi, var) in enumerate(zip(t["spearman"], t["spearman_hi"], t["variant"])):
             if var != "raw" and np.isfinite(rho):
-                ax.annotate(var, (hi, yi), xytext=(4, -3), textcoords="offset points", fontsize=7, color="grey")
+                ax.annotate(VARIANT_LABELS[var], (hi, yi), xytext=(3, -3), textcoords="offset points", fontsize=7,
+                            color="dimgrey")
         ax.axvline(0, color="grey", lw=0.8)
-        ax.set(xlabel="Spearman ρ with leave-one-out ΔL", title=comp, xlim=(-0.3, 1.05))
-    axes[0][0].set_yticks(y, [SCORE_LABELS[s] for s in order])
-    fig.suptitle("Rank correlation with the measured loss change (best variant per score; raw unless named)")
+        ax.set(xlabel="Spearman ρ", title=COMPONENT_TITLES.get(comp, comp), xlim=(-0.3, 1.1))
+    axes[0][0].set_yticks(y, [D.label(s) for s in order])
     return fig
 
 
@@ -714,12 +742,13 @@ def token_heatmap_figure(raw: RawScores, images: torch.Tensor, layer: int, indic
     n = raw.loo_tokens[layer].shape[1] - p
     side = int(round(n ** 0.5))
     cols = 2 + len(scores)
-    fig, axes = plt.subplots(len(indices), cols, figsize=(2.3 * cols, 2.4 * len(indices)), squeeze=False)
+    fig, axes = plt.subplots(len(indices), cols, figsize=(plots.COLUMN_WIDTH, plots.COLUMN_WIDTH / cols * len(indices) + 0.5),
+                             squeeze=False)
     for row, i in enumerate(indices):
         img = images[row].permute(1, 2, 0).numpy()
         img = (img - img.min()) / max(img.max() - img.min(), 1e-8)
         panels = [("image", None), ("leave-one-out ΔL", raw.loo_tokens[layer][i, p:])]
-        panels += [(SCORE_LABELS[s], raw.tokens[s][layer][i, p:]) for s in scores]
+        panels += [(D.label(s), raw.tokens[s][layer][i, p:]) for s in scores]
         for col, (title, values) in enumerate(panels):
             ax = axes[row, col]
             if values is None:
@@ -728,26 +757,33 @@ def token_heatmap_figure(raw: RawScores, images: torch.Tensor, layer: int, indic
                 ax.imshow(values.reshape(side, side), cmap="magma")
             ax.set_xticks([]), ax.set_yticks([])
             if row == 0:
-                ax.set_title(title, fontsize=8)
-    fig.suptitle(f"Token maps at the input of block {layer} (brighter = more important)")
+                ax.set_title(textwrap.fill(title, 14), fontsize=7)
     return fig
 
 
 def head_map_figure(raw: RawScores, scores: tuple[str, ...] = ("heart_exact", "heart", "taylor", "cls_attention")):
-    """Layer × head maps of the image-averaged ΔL and scores."""
+    """Layer × head maps of the image-averaged ΔL and scores; a score computed on a subset of the
+    images (the exact diagonal) is averaged over that subset, and a score with no value is left out."""
     from heart_lib import plots
     import matplotlib.pyplot as plt
 
     plots.use_style()
-    scores = tuple(s for s in scores if s in raw.heads)
-    panels = [("leave-one-out ΔL", raw.loo_heads.mean(0))] + [(SCORE_LABELS[s], raw.heads[s].mean(0)) for s in scores]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 4.2), squeeze=False)
-    for ax, (title, values) in zip(axes[0], panels):
+    panels = [("leave-one-out ΔL", "ΔL (nats)", raw.loo_heads)]
+    panels += [(D.label(s), "score", raw.heads[s]) for s in scores if s in raw.heads]
+    panels = [(title, unit, np.nanmean(np.asarray(v, dtype=float), axis=0)) for title, unit, v in panels
+              if np.isfinite(np.asarray(v, dtype=float)).any()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(plots.COLUMN_WIDTH, 2.9), squeeze=False)
+    for ax, (title, unit, values) in zip(axes[0], panels):
         im = ax.imshow(values, cmap="viridis", aspect="auto")
-        ax.set(title=title, xlabel="head", ylabel="layer")
-        ax.title.set_fontsize(8)
-        fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.suptitle("Heads: mean over images")
+        ax.grid(False)
+        ax.set_title(textwrap.fill(title, 18), fontsize=8)
+        ax.set_xticks(range(values.shape[1]))
+        ax.set_yticks(range(0, values.shape[0], 2 if values.shape[0] > 6 else 1))
+        ax.set(xlabel="head", ylabel="layer" if ax is axes[0][0] else "")
+        ax.tick_params(labelsize=7)
+        bar = fig.colorbar(im, ax=ax, shrink=0.9, pad=0.04)
+        bar.set_label(unit, fontsize=7)
+        bar.ax.tick_params(labelsize=6)
     return fig
 
 
@@ -765,11 +801,11 @@ def summary_markdown(summary: dict[str, Any]) -> str:
              f"matches the label on {100 * summary['pseudo_label_accuracy']:.1f} % of these images.", "",
              "Best-ranking score per component (Spearman ρ with leave-one-out ΔL, 95 % bootstrap CI):", ""]
     for row in summary["best"]:
-        lines.append(f"- {row['component']}: **{SCORE_LABELS[row['score']]}** ({row['variant']}), "
+        lines.append(f"- {row['component']}: **{D.label(row['score'])}** ({VARIANT_LABELS.get(row['variant'], row['variant'])}), "
                      f"ρ = {row['spearman']:.3f} [{row['spearman_lo']:.3f}, {row['spearman_hi']:.3f}]")
     secs = summary.get("seconds_per_image", {})
     if secs:
         lines += ["", "Compute time per image on this machine: " + ", ".join(
-            f"{SCORE_LABELS.get(k, k.replace('_', ' '))} {v:.2f} s" for k, v in sorted(secs.items(), key=lambda kv: -kv[1]))
+            f"{D.label(k)} {v:.2f} s" for k, v in sorted(secs.items(), key=lambda kv: -kv[1]))
             + "."]
     return "\n".join(lines)
