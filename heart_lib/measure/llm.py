@@ -365,7 +365,7 @@ def overhead_fraction(instrumented_s: Iterable[float], bare_s: Iterable[float]) 
     return float(np.median(inst) / np.median(bare) - 1.0)
 
 
-def _generate_kwargs(spec: LlmSpec, new_tokens: int, vocab_size: int) -> dict[str, Any]:
+def _generate_kwargs(new_tokens: int) -> dict[str, Any]:
     # Greedy, KV cache on, and always the full length: min_new_tokens masks the end token, so a
     # random-weight model (or a real one that would stop early) writes exactly `new_tokens`.
     return {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "use_cache": True,
@@ -377,7 +377,7 @@ def generate_timed(model: Any, ids: Any, spec: LlmSpec, sync: Callable[[], None]
     import torch
 
     clock = TokenClock(sync)
-    kwargs = _generate_kwargs(spec, spec.new_tokens, model.config.vocab_size)
+    kwargs = _generate_kwargs(spec.new_tokens)
     with torch.inference_mode():
         sync()
         start = time.perf_counter()
@@ -393,7 +393,7 @@ def generate_bare(model: Any, ids: Any, spec: LlmSpec, sync: Callable[[], None],
     """One plain `generate` call (no streamer), timed around the call only: the overhead reference."""
     import torch
 
-    kwargs = _generate_kwargs(spec, new_tokens or spec.new_tokens, model.config.vocab_size)
+    kwargs = _generate_kwargs(new_tokens or spec.new_tokens)
     with torch.inference_mode():
         sync()
         start = time.perf_counter()
