@@ -39,7 +39,8 @@ lock:
 
 # The measurement commands alone, for Python 3.10+ with a torch already installed (a Jetson's JetPack
 # wheel; seen through --system-site-packages), never the pinned CPU torch. Run them with
-# `.venv-measure/bin/python -m heart_lib measure-llm ...` (or `measure`).
+# `.venv-measure/bin/python -m heart_lib.measure.llm_cli ...` (LLMs) or `-m heart_lib.measure` (ViTs),
+# which import neither the notebooks' nor the book's packages.
 MEASURE_PYTHON ?= python3.10
 measure-env:
 	$(MEASURE_PYTHON) -m venv --system-site-packages .venv-measure
@@ -48,7 +49,7 @@ measure-env:
 	.venv-measure/bin/pip install --quiet -r requirements-measure.txt
 	.venv-measure/bin/pip install --quiet --no-deps timm==1.0.31
 	.venv-measure/bin/pip install --quiet --no-deps --ignore-requires-python -e .
-	.venv-measure/bin/python -m heart_lib measure-llm --help >/dev/null && echo "measure environment ok"
+	.venv-measure/bin/python -m heart_lib.measure.llm_cli --help >/dev/null && echo "measure environment ok"
 
 data: env
 	$(PY) -m heart_lib data

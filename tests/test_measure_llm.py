@@ -116,3 +116,37 @@ def test_a_failed_run_is_recorded_and_its_repeats_skipped(tmp_path):
     rows = llm.run_llm_session(specs, tmp_path, "s", fresh_process=False, log=lambda line: None)
     assert rows["status"].tolist() == ["oom_predicted", "skipped"]
     assert math.isnan(rows["tokens_per_s"].iloc[0])
+
+
+def test_weights_come_from_the_mirror_folder_when_it_has_them(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "llm" / "pythia-70m-deduped"
+    tiny = AutoModelForCausalLM.from_config(llm.model_config(llm.TINY))
+    tiny.save_pretrained(folder)  # a stand-in checkpoint in the mirror's layout
+    monkeypatch.setenv("HEART_DATA_MIRROR", str(tmp_path))
+    found, source, _ = llm.resolve_weights(llm.LlmSpec(model="pythia-70m-deduped"))
+    assert (found, source) == (str(folder), "mirror")
+    model, _, facts = llm.load_model(llm.LlmSpec(model="pythia-70m-deduped"), found)
+    assert facts["weights"] == "pretrained" and model.config.num_hidden_layers == 2
+    monkeypatch.setenv("HEART_DATA_MIRROR", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: the hub is skipped at once
+    found, _, tried = llm.resolve_weights(llm.LlmSpec(model="pythia-70m-deduped"))
+    assert found is None and any("unreachable" in t for t in tried)
+
+
+def test_sweep_file_is_read_and_the_command_line_wins(tmp_path):
+    import argparse
+
+    from heart_lib.measure import llm_cli
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("model: [pythia-70m-deduped, pythia-160m-deduped]\nbatch: [1, 4]\nrepeats: 3\n")
+    parser = argparse.ArgumentParser()
+    llm_cli.add_arguments(parser)
+    options = llm_cli.sweep_options(parser.parse_args(["--sweep", str(sweep), "--batch", "8", "--threads", "1"]))
+    assert options["model"] == ["pythia-70m-deduped", "pythia-160m-deduped"] and options["repeats"] == 3
+    assert options["batch"] == [8] and options["threads"] == [1] and options["new_tokens"] == [64]
+    sweep.write_text("batches: [1]\n")
+    with pytest.raises(ValueError, match="unknown keys \\['batches'\\]"):
+        llm_cli.sweep_options(parser.parse_args(["--sweep", str(sweep)]))

@@ -9,6 +9,7 @@ Pareto fronts of tokens/s against memory and energy.
 
 from __future__ import annotations
 
+import shutil
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,8 @@ def measure_live(params: Params, out: Path) -> Path | None:
 
     info = fingerprint.fingerprint("cpu", "fp32", 1)
     folder = out / "live" / info["device_name"] / "llm"
+    if folder.exists():
+        shutil.rmtree(folder)  # the page shows this execution's live runs, not those of earlier ones
     specs = llm.expand([params.live_model], params.live_dtypes, params.live_batches, [params.live_prompt_tokens],
                        [params.live_new_tokens], [1], params.live_repeats, weights="random", idle_s=0.0,
                        overhead_pairs=2, model_kwargs=params.live_model_kwargs, seed=params.seed)
@@ -112,6 +115,11 @@ def display_summary(summary: pd.DataFrame) -> pd.DataFrame:
         "peak MiB": summary["peak_memory_mb"].round(0), "J/token": summary["energy_per_token_j"].round(4),
         "J/token above idle": summary["energy_per_token_above_idle_j"].round(4),
         "failures": summary["statuses"]}).reset_index(drop=True)
+
+
+def page(table: pd.DataFrame):
+    """A table as the page shows it: no index, four significant digits, blanks for what was not measured."""
+    return table.style.hide(axis="index").format(lambda v: f"{v:.4g}" if isinstance(v, float) else v, na_rep="")
 
 
 def overhead_table(summary: pd.DataFrame) -> pd.DataFrame:

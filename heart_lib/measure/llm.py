@@ -177,62 +177,84 @@ def _hub_id(name: str) -> str:
     return f"EleutherAI/{name}"
 
 
-def weight_sources(spec: LlmSpec) -> list[tuple[str, str]]:
-    """Where to look for real weights, in order: (label, what `from_pretrained` gets)."""
+def _hub_reachable(timeout_s: float = 3.0) -> tuple[bool, str]:
+    """Whether the hub (or the mirror named by HF_ENDPOINT) accepts a connection: checked first, because
+    huggingface_hub retries an unreachable host for about a minute before giving up."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout_s).close()
+        return True, ""
+    except OSError as err:
+        return False, f"{url.hostname} unreachable ({type(err).__name__}: {err})"
+
+
+def resolve_weights(spec: LlmSpec) -> tuple[str | None, str, list[str]]:
+    """Where real weights are, as a local folder: (folder or None, 'mirror'/'hub'/'folder', what was tried).
+
+    Order: an explicit folder; the mirror (`<mirror>/llm/<model>`); the hub (`EleutherAI/<model>`,
+    downloaded into the Hugging Face cache; `HF_ENDPOINT` names a hub mirror). Not timed: the load
+    phase of a run reads local files, as on a device that has the weights.
+    """
     from heart_lib.paths import mirror_dir
 
     if spec.weights == "random" or spec.model == TINY:
-        return []
+        return None, "", ["random weights requested" if spec.weights == "random" else "test model: random weights"]
     if spec.weights not in WEIGHTS:
-        return [("folder", str(Path(spec.weights).expanduser()))]
-    found = []
+        return str(Path(spec.weights).expanduser()), "folder", []
+    tried = []
     mirror = mirror_dir()
-    if spec.weights in ("auto", "mirror") and mirror is not None:
-        found.append(("mirror", str(mirror / "llm" / spec.model)))
+    if spec.weights in ("auto", "mirror"):
+        folder = mirror / "llm" / spec.model if mirror is not None else None
+        if folder is not None and (folder / "config.json").is_file():
+            return str(folder), "mirror", tried
+        tried.append(f"mirror: no {folder}/config.json" if folder else "mirror: none (HEART_DATA_MIRROR unset)")
     if spec.weights in ("auto", "hub"):
-        found.append(("hub", _hub_id(spec.model)))
-    return found
+        reachable, why = _hub_reachable()
+        if not reachable:
+            tried.append(f"hub: {why}")
+        else:
+            try:
+                from huggingface_hub import snapshot_download
+
+                folder = snapshot_download(_hub_id(spec.model), allow_patterns=["*.json", "*.safetensors", "*.txt"])
+                return folder, "hub", tried
+            except Exception as err:  # noqa: BLE001 - recorded; the next step decides
+                tried.append(f"hub {_hub_id(spec.model)}: {type(err).__name__}: {str(err)[:160]}")
+    return None, "", tried
 
 
-def load_model(spec: LlmSpec) -> tuple[Any, Any, dict[str, Any]]:
+def load_model(spec: LlmSpec, folder: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
     """(model in eval mode on the device, tokenizer or None, facts about the weights).
 
-    Real weights from a folder, the mirror or the hub when one answers; otherwise the model is
-    built from its published configuration with random weights (`weights=random`): the timing of
-    a dense transformer does not depend on the weight values, the text it writes does.
+    Real weights from `folder` (see `resolve_weights`) when given; otherwise the model is built from
+    its published configuration with random weights (`weights=random`): the timing of a dense
+    transformer does not depend on the weight values, the text it writes does.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
              "int8": torch.float32, "4bit": torch.float16}[spec.dtype]
-    tried, model, tokenizer, label = [], None, None, "random"
     quant = {}
     if spec.dtype == "4bit":
         from transformers import BitsAndBytesConfig
 
         quant = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float16)}
-    for source, where in weight_sources(spec):
-        if source == "mirror" and not Path(where).is_dir():
-            tried.append(f"mirror: no folder {where}")
-            continue
+    tokenizer = None
+    if folder is not None:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **quant)
+        label = "pretrained"
         try:
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **quant)
-            label = "pretrained"
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(where)
-            except Exception as err:  # noqa: BLE001 - a tokenizer is optional: prompts can be token ids
-                tried.append(f"tokenizer from {where}: {type(err).__name__}")
-            tried.append(f"{source}: loaded {where}")
-            break
-        except Exception as err:  # noqa: BLE001 - the next source is tried; the reason is recorded
-            tried.append(f"{source} {where}: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}")
-    if model is None:
-        if spec.weights not in ("auto", "random") and spec.model != TINY:
-            raise ValueError(f"weights = {spec.weights!r}: could not be loaded ({'; '.join(tried)})")
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except Exception:  # noqa: BLE001 - a tokenizer is optional: prompts can be token ids
+            tokenizer = None
+    else:
+        label = "random"
         torch.manual_seed(spec.seed)
-        config = model_config(spec.model, spec.model_kwargs)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(model_config(spec.model, spec.model_kwargs), dtype=dtype)
         if spec.dtype == "4bit":
             model = _reload_quantised(model, quant)
     if spec.dtype == "int8":
@@ -245,8 +267,7 @@ def load_model(spec: LlmSpec) -> tuple[Any, Any, dict[str, Any]]:
         model = model.to(spec.device)
     model.eval()
     params = sum(p.numel() for p in model.parameters())
-    return model, tokenizer, {"weights": label, "weights_detail": "; ".join(tried) or "built from config",
-                              "params_m": params / 1e6}
+    return model, tokenizer, {"weights": label, "params_m": params / 1e6}
 
 
 def _reload_quantised(model: Any, quant: dict[str, Any]) -> Any:
@@ -344,7 +365,7 @@ def overhead_fraction(instrumented_s: Iterable[float], bare_s: Iterable[float]) 
     return float(np.median(inst) / np.median(bare) - 1.0)
 
 
-def _generate_kwargs(spec: LlmSpec, new_tokens: int, vocab_size: int) -> dict[str, Any]:
+def _generate_kwargs(new_tokens: int) -> dict[str, Any]:
     # Greedy, KV cache on, and always the full length: min_new_tokens masks the end token, so a
     # random-weight model (or a real one that would stop early) writes exactly `new_tokens`.
     return {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "use_cache": True,
@@ -356,7 +377,7 @@ def generate_timed(model: Any, ids: Any, spec: LlmSpec, sync: Callable[[], None]
     import torch
 
     clock = TokenClock(sync)
-    kwargs = _generate_kwargs(spec, spec.new_tokens, model.config.vocab_size)
+    kwargs = _generate_kwargs(spec.new_tokens)
     with torch.inference_mode():
         sync()
         start = time.perf_counter()
@@ -372,7 +393,7 @@ def generate_bare(model: Any, ids: Any, spec: LlmSpec, sync: Callable[[], None],
     """One plain `generate` call (no streamer), timed around the call only: the overhead reference."""
     import torch
 
-    kwargs = _generate_kwargs(spec, new_tokens or spec.new_tokens, model.config.vocab_size)
+    kwargs = _generate_kwargs(new_tokens or spec.new_tokens)
     with torch.inference_mode():
         sync()
         start = time.perf_counter()
@@ -469,9 +490,13 @@ def measure_llm_one(spec: LlmSpec, source: energy.EnergySource | None = None) ->
         # Import the model code before the clock starts: load time is building or reading weights.
         import transformers.models.gpt_neox.modeling_gpt_neox  # noqa: F401
 
+        folder, found_in, tried = resolve_weights(spec)
+        if folder is None and spec.weights not in ("auto", "random") and spec.model != TINY:
+            raise ValueError(f"weights = {spec.weights!r}: not found ({'; '.join(tried)})")
+        row.update(weights_source=found_in or "config", weights_detail="; ".join(tried))
         bench.reset_peak_memory(spec.device)
         l0 = time.perf_counter()
-        model, tokenizer, facts = load_model(spec)
+        model, tokenizer, facts = load_model(spec, folder)
         sync()
         l1 = time.perf_counter()
         row.update(facts, load_s=l1 - l0, load_peak_memory_mb=_peak_mb(spec.device))

@@ -170,3 +170,24 @@ def select_main(args: argparse.Namespace) -> int:
         return 1
     print("best: " + ", ".join(f"{c}={best[c]}" for c in cols[:7]) + f" ({args.objective} = {best[args.objective]:.4g})")
     return 0
+
+
+def run_cli(argv: list[str] | None = None) -> int:
+    """Stand-alone entry without the rest of the project's imports (Python 3.10 measure environment):
+    `python -m heart_lib.measure.llm_cli [select] ...`; bad input becomes exit code 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    selecting = bool(argv) and argv[0] == "select"
+    parser = argparse.ArgumentParser(prog="python -m heart_lib.measure.llm_cli" + (" select" if selecting else ""))
+    (add_select_arguments if selecting else add_arguments)(parser)
+    args = parser.parse_args(argv[1:] if selecting else argv)
+    try:
+        return select_main(args) if selecting else main(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    import heart_lib  # noqa: F401 - torchvision shim before transformers
+
+    sys.exit(run_cli())
