@@ -421,8 +421,8 @@ def headline_figure(profile: str):
     fig = pruning.pareto_figure(sweep[sweep["images"] == "all"], families=("token", "joint"))
     for ax in fig.axes[:2]:
         ax.axvline(49.4, color="black", lw=0.8, ls=":")
-        ax.annotate("paper: 49.4 %", (49.4, 0), xycoords=("data", "axes fraction"), xytext=(3, 4),
-                    textcoords="offset points", fontsize=7)
+        ax.annotate("paper: 49.4 %", (49.4, 0), xycoords=("data", "axes fraction"), xytext=(-3, 4),
+                    textcoords="offset points", fontsize=7, ha="right")
     return fig
 
 

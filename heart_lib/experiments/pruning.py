@@ -593,8 +593,8 @@ def pareto_figure(sweep: pd.DataFrame, families: tuple[str, ...] = ("token", "he
         ax.set_ylabel("top-1 (%)")
     handles = [plt.Line2D([], [], ls="-", **style[n], label=n) for n in style]
     handles.append(plt.Line2D([], [], color="grey", ls="--", label="unpruned"))
-    fig.legend(handles=handles, loc="lower center", ncol=3, bbox_to_anchor=(0.5, 0), frameon=False)
-    fig.tight_layout(rect=(0, 0.04 + 0.035 * (-(-len(handles) // 3)), 1, 1))
+    fig.legend(handles=handles, loc="lower center", ncol=2, bbox_to_anchor=(0.5, 0), frameon=False)
+    fig.tight_layout(rect=(0, 0.02 + 0.17 / fig.get_figheight() * (-(-len(handles) // 2)), 1, 1))  # 0.17 in per legend row
     return fig
 
 
