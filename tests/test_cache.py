@@ -30,7 +30,9 @@ def later():
 def test_closure_follows_lazy_imports_and_stops_at_unrelated_modules():
     baseline = provenance.module_closure("heart_lib.experiments.baseline")
     assert "heart_lib.models" in baseline and "heart_lib.experiments" in baseline  # package __init__ too
-    assert not {"heart_lib.pruning", "heart_lib.flops", "heart_lib.sensitivity", "heart_lib.measure"} & baseline
+    # display labels come from the catalogue, whose entries run the pruning maths lazily: that code
+    # counts (conservatively); what the baseline never imports does not
+    assert not {"heart_lib.flops", "heart_lib.measure", "heart_lib.finetune", "heart_lib.camphive"} & baseline
     # the pruned model imports the sensitivity engine inside a function only
     assert "heart_lib.sensitivity" in provenance.module_closure("heart_lib.pruning.model")
     with pytest.raises(ValueError, match="not heart_lib modules"):

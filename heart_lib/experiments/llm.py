@@ -118,8 +118,11 @@ def display_summary(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def page(table: pd.DataFrame):
-    """A table as the page shows it: no index, four significant digits, blanks for what was not measured."""
-    return table.style.hide(axis="index").format(lambda v: f"{v:.4g}" if isinstance(v, float) else v, na_rep="")
+    """A table as the page shows it, through the book's one display module (no index, formatted
+    numbers, its own scroll box; what was not measured stays blank)."""
+    from heart_lib import display
+
+    return display.table(table)
 
 
 def overhead_table(summary: pd.DataFrame) -> pd.DataFrame:
