@@ -1,18 +1,20 @@
 """heart_lib: a reproduction of HEART-ViT (Hessian-guided token and head pruning for ViTs).
 
 Map of the library (one job per module; a module imports only those above it in this list, except
-two lazy imports made at run time: `catalogue` → the reducers' tensor maths in `pruning`, `config` →
-the chapters' `Params`):
+lazy imports made at run time: `catalogue` → the reducers' tensor maths in `pruning`, `display` →
+`catalogue`'s labels, `config` → the chapters' `Params`):
 
 | module | owns |
 |---|---|
-| `_compat`, `paths`, `progress` | platform workarounds; where files live; progress bars |
+| `_compat`, `paths`, `progress`, `checks` | platform workarounds; where files live; progress bars; one-line errors for non-finite scores and logits |
 | `timm_seam` | every reliance on timm internals (`_pos_embed`, the block halves, the qkv layout, the attention probe) |
 | `catalogue` | every method as one entry: sensitivity scores (family, primary, needs, formula) and token reducers (drop selectors, EViT/ToMe peers: where they act, kept-token rule, scorer/reducer, extra FLOPs); `label(name)` |
 | `stats` | Wilson intervals, bootstrap means and paired differences, row-wise Spearman/Kendall |
+| `display` | tables as a reader sees them (chosen columns, formatted numbers, a scroll box, one label per method from `catalogue`), the parameters table of each page |
 | `provenance`, `results` | code digests (a module's heart_lib imports, transitively); atomic writes, tables, the one cache rule (`cache_key`, `cache_folder` under HEART_CACHE) |
 | `data`, `models` | datasets and weights (resolve, verify, transform); timm models, accuracy |
 | `gates`, `curvature` | gates/probes on timm's own modules; HVPs, Hutchinson, power iteration |
+| `camphive`, `resnet_cifar` | CAMP-HiVe weight pruning (weight-space power iteration, scores, splits, cyclic merging, masks); CIFAR ResNets and their training recipe |
 | `sensitivity` | scores of tokens and heads (dispatch through `catalogue`), leave-one-out ground truth |
 | `pruning` | physically pruned models: `config` (validated PruningConfig, token counts), `model` (PrunedViT), `heads` (slicing), `selectors`/`peers` (tensor maths), the learned gate |
 | `flops` | analytic FLOPs of what runs (and FlopCounterMode with CPU SDPA) |

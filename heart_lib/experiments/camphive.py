@@ -583,6 +583,22 @@ def claim_ch3(folder: Path, params: Any):
 
 
 CLAIMS = (claim_ch1, claim_ch2, claim_ch3)
+CLAIM_IDS = ("CH1", "CH2", "CH3")
+
+
+def paper_difference(params: Params) -> str:
+    """How this profile's setting differs from the paper's (ResNet-18/56 and MobileNetV2 on
+    CIFAR-10/100 and ImageNet; 100 fine-tuning epochs in the reference code), for the claims page."""
+    parts = []
+    if params.cifar_model:
+        train = f"{params.cifar_train_limit:,} CIFAR-10 training images" if params.cifar_train_limit else "CIFAR-10"
+        parts.append(f"model: {params.cifar_model}, trained here for {params.cifar_train_epochs} epochs on {train} "
+                     "(paper: ResNet-18/56, MobileNetV2)")
+        parts.append(f"fine-tuning: {params.cifar_finetune_steps} steps (paper: 100 epochs)")
+    if params.vit_model:
+        parts.append(f"also {params.vit_model} ({params.vit_weights} weights) on {params.vit_dataset}, which the "
+                     "paper does not test")
+    return "; ".join(parts) or "no model run"
 
 
 # ------------------------------------------------------------------ sentences for the chapter (from the tables)

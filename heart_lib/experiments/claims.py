@@ -330,6 +330,8 @@ def setting_differences(profile: str, params: Params) -> dict[str, str]:
                          f"at {p.imagenet_image_size or 224} px")
         out["C5"] = _against_paper({"model": _model(p.model, p.weights), "fine-tuning": "; ".join(parts)})
     out["C6"] = _against_paper({"device": "the devices measured under results/devices/ (see the edge chapter)"})
+    if (p := chapter("camphive")) is not None:
+        out.update(dict.fromkeys(camphive.CLAIM_IDS, camphive.paper_difference(p)))
     return out
 
 
