@@ -291,6 +291,15 @@ def stop_kernels() -> None:
             child.kill()
 
 
+def claims_key(profile: str, names: list[str]) -> str:
+    """The claims summary reads the other chapters' results as they are on disk, so its key holds
+    their *stored* keys: a summary made from a stale chapter goes stale when that chapter is
+    re-executed (the keys the chapters ought to have would trust it wrongly)."""
+    upstream = tuple(stored_key(profile_dir(profile) / f"{n}.ipynb") or "not executed"
+                     for n in sorted(names) if n != "claims")
+    return notebook_key(profile, "claims", upstream)
+
+
 def run_profile(profile: str, jobs: int = 1, force: bool = False, only: list[str] | None = None,
                 log=print) -> list[Outcome]:
     """Execute the profile's notebooks that are out of date; the claims summary runs last."""
@@ -307,7 +316,7 @@ def run_profile(profile: str, jobs: int = 1, force: bool = False, only: list[str
     first = [n for n in selected if n != "claims"]
     keys = {n: notebook_key(profile, n) for n in names if n != "claims"}
     if "claims" in names:
-        keys["claims"] = notebook_key(profile, "claims", tuple(keys[n] for n in sorted(keys)))
+        keys["claims"] = claims_key(profile, names)
     if not force and all(is_up_to_date(profile, n, keys[n]) for n in selected):
         for name in selected:  # nothing to do: write nothing (a read-only checkout still works)
             log(f"[{profile}] {name}: up to date")
@@ -336,6 +345,7 @@ def run_profile(profile: str, jobs: int = 1, force: bool = False, only: list[str
             futures = [pool.submit(one, n) for n in first]
             outcomes = [f.result() for f in futures]
             if "claims" in selected:
+                keys["claims"] = claims_key(profile, names)  # the chapters as they now are
                 futures.append(pool.submit(one, "claims"))
                 outcomes.append(futures[-1].result())
         except Exception:  # a notebook failed: the others still finish and are kept

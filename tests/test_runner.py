@@ -74,3 +74,16 @@ def test_cli_reports_a_bad_profile_with_exit_code_2():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "unknown profile 'nope'" in done.stderr and "default" in done.stderr
+
+
+def test_claims_key_follows_the_chapters_as_they_are(monkeypatch):
+    """The claims summary is keyed by the stored keys of the chapters it reads: re-executing a stale
+    chapter makes the summary stale too."""
+    stored = {"baseline": "a", "sensitivity": "b"}
+    monkeypatch.setattr(runner, "stored_key", lambda path: stored.get(path.stem))
+    names = ["baseline", "sensitivity", "claims"]
+    before = runner.claims_key("smoke", names)
+    stored["sensitivity"] = "c"  # that chapter was re-executed
+    assert runner.claims_key("smoke", names) != before
+    stored["sensitivity"] = "b"
+    assert runner.claims_key("smoke", names) == before
