@@ -49,3 +49,21 @@ def test_checksum_advice_names_no_public_source_that_does_not_exist(tmp_path, mo
     with pytest.raises(data.DataError) as err:
         data.resolve_file("imagenet-synsets", bad)
     assert "public source is used" not in str(err.value) and "manifest" in str(err.value)
+
+
+def test_a_model_that_is_no_vision_transformer_is_one_line_in_pruning(tmp_path):
+    """`model: resnet18` in the pruning chapter: one line naming the parameter, before any compute."""
+    import os
+    import subprocess
+    import sys
+
+    profile = tmp_path / "profiles" / "cnn"
+    profile.mkdir(parents=True)
+    (profile / "pruning.yaml").write_text("model: resnet18\nweights: none\n")
+    env = {**os.environ, "HEART_PROFILES": str(tmp_path / "profiles"), "HEART_RESULTS": str(tmp_path / "results")}
+    done = subprocess.run([sys.executable, "-m", "heart_lib", "run", "--profile", "cnn"], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    message = done.stderr.strip().splitlines()
+    assert len(message) == 1 and "parameter 'model' = 'resnet18'" in message[0] and "VisionTransformer" in message[0]
+    assert "patch_embed" not in done.stderr and not (tmp_path / "results" / "cnn" / "pruning").exists()

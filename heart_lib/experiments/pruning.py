@@ -28,7 +28,7 @@ from heart_lib.progress import progress
 from heart_lib import catalogue, data, models, planning, results
 from heart_lib import display as D
 from heart_lib.budget import Calibration, predicted_loss, schedule_for_budget
-from heart_lib.flops import count_flops, counted_flops, vit_shape
+from heart_lib.flops import base_shape, count_flops, counted_flops, vit_shape
 from heart_lib.pruning import PruningConfig, prune, train_token_gate
 from heart_lib.pruning.selectors import TokenGateSet, block_inputs, gate_rank_agreement
 from heart_lib.stats import wilson_interval
@@ -88,6 +88,10 @@ class Params:
 
     def check(self) -> None:
         models.check_model_name(self.model)
+        try:  # before any compute: tokens and heads are pruned in timm Vision Transformers only
+            base_shape(self.model)
+        except ValueError as err:
+            raise ValueError(f"parameter 'model' = {self.model!r}: {err}") from None
         for name in ("dataset", "calib_dataset"):
             if getattr(self, name) not in data.DATASETS:
                 raise ValueError(f"parameter {name!r} = {getattr(self, name)!r}: allowed values are {list(data.DATASETS)}")
