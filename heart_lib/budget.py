@@ -156,3 +156,12 @@ def schedule_for_budget(calibration: Calibration, shape: ViTShape, epsilon: floa
         history.append({"move": label, "flops": flops, "predicted": pred["total"]})
     config = build(step, removed)
     return Schedule(config, pred, flops, dense, history)
+
+
+def fitted_ratio(predicted: Sequence[float], measured: Sequence[float]) -> float:
+    """The factor r of measured ≈ r · predicted, least squares through the origin (1 when nothing
+    was predicted): how much the removals' cross terms and the clamp make the prediction miss."""
+    p, m = np.asarray(predicted, dtype=float), np.asarray(measured, dtype=float)
+    keep = np.isfinite(p) & np.isfinite(m)
+    denominator = float((p[keep] ** 2).sum())
+    return float((p[keep] * m[keep]).sum() / denominator) if denominator > 0 else 1.0

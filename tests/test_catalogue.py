@@ -80,7 +80,7 @@ def test_toy_selector_is_validated_counted_and_run(toys, vit):
     kept = pruned.record.kept_index[1][:, 1:]
     assert torch.equal(kept.sort(dim=1).values, expected.sort(dim=1).values)
     # the chapter accepts it as a token selector
-    chapter.Params(token_selectors=["toy_probe"], joint_selectors=["toy_probe"]).check()
+    chapter.Params(token_selectors=["toy_probe"], joint_selectors=["toy_probe"], primary_selector="toy_probe").check()
 
 
 def test_toy_peer_runs_its_own_reduction_not_tome(toys, vit):

@@ -105,3 +105,25 @@ def test_pruning_text_is_canonicalised_and_bad_configs_rejected():
     assert text == workload.canonical_pruning(text)
     with pytest.raises(ValueError):
         workload.canonical_pruning("tokens=1.7@1")
+
+
+def test_every_selector_of_the_pruning_chapter_can_be_timed():
+    """The learned gate (untrained, same shape, said so) and the HEART oracle (scoring inside each
+    timed forward, so autograd must stay on) time like any other configuration; the oracle's
+    end-to-end forward costs more than the same pruning with a free selector."""
+    bench.set_threads(1)
+    settings = bench.TimingSettings(warmup_iters=1, min_iters=2, min_time_s=0.0)
+    medians = {}
+    for selector in ("gate", "heart", "cls_attention"):
+        gate = ";gate=no-such-file" if selector == "gate" else ""  # as in the sweep: a name, not a trained file
+        work = workload.build("vit_tiny_patch16_224", f"tokens=0.5@1;selector={selector}{gate}", model_kwargs=TINY)
+        assert work.autograd == (selector == "heart")
+        assert ("untrained token gate" in work.notes) == (selector == "gate")
+        x = bench.make_input(2, work.image_size, "cpu", "fp32")
+        timing = bench.time_forward(work.model, x, settings, "cpu", autograd=work.autograd)
+        medians[selector] = float(timing.summary(2)["latency_median_ms"])
+        assert work.model.record.counts[-1][-1][1] < 17  # physically fewer tokens than 16 patches + class
+    assert medians["heart"] > medians["cls_attention"]
+    with pytest.raises(RuntimeError):  # why autograd=True is needed: inference mode breaks the oracle
+        work = workload.build("vit_tiny_patch16_224", "tokens=0.5@1;selector=heart", model_kwargs=TINY)
+        bench.time_forward(work.model, bench.make_input(1, work.image_size, "cpu", "fp32"), settings, "cpu")

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from heart_lib import camphive, data, models, resnet_cifar, results
-from heart_lib.experiments.finetune import paired_difference
+from heart_lib.experiments.verdicts import Row, missing as _missing
+from heart_lib.stats import paired_difference
 
 PARTS = ("cifar", "vit")
 STAGES = ("pruned", "fine-tuned", "fine-tuned, masks off")
@@ -524,7 +525,6 @@ def _setting(folder: Path) -> str:
 
 
 def _claim(folder: Path, claim: str, statement: str, compute: Callable[[pd.DataFrame, dict], tuple[str, str, str]]):
-    from heart_lib.experiments.claims import Row, _missing  # the claims module imports this one
 
     paper, chapter = "qualitative (abstract; no tables obtainable)", "camphive"
     path = folder / "camphive" / "accuracy.csv"

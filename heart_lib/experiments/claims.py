@@ -21,9 +21,8 @@ import pandas as pd
 from heart_lib import catalogue
 from heart_lib.experiments import camphive
 from heart_lib.display import label as label_of
+from heart_lib.experiments.verdicts import VERDICTS, Row, combine, interval_relation, missing as _missing
 from heart_lib.paths import PROJECT_ROOT, results_root
-
-VERDICTS = ("reproduced", "not reproduced", "inconclusive", "not testable here")
 
 
 def c1_opponents() -> tuple[str, ...]:
@@ -35,7 +34,6 @@ def c1_opponents() -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Params:
-    speed_benchmark: str = "results/benchmarks/pruning_speed_cpu.json"  # relative to the project root
     devices_root: str = "results/devices"
     max_top1_drop: float = 0.01  # an accuracy drop (absolute) up to this counts as "accuracy kept"
     flops_match: float = 0.05  # configurations within this of a FLOPs target count as "at" the target
@@ -54,29 +52,7 @@ def _project_path(text: str) -> Path:
 
 def input_paths(params: Params) -> list[Path]:
     """Profile-independent measurements the summary reads (the runner re-runs it when they change)."""
-    return [_project_path(params.speed_benchmark), _project_path(params.devices_root)]
-
-
-@dataclass(frozen=True)
-class Row:
-    claim: str
-    statement: str
-    paper: str
-    ours: str
-    setting: str
-    criterion: str
-    verdict: str
-    chapter: str
-    differs: str = ""  # how our setting differs from the paper's (model, data, resolution, epochs, device)
-
-    def __post_init__(self) -> None:
-        if self.verdict not in VERDICTS:
-            raise ValueError(f"verdict {self.verdict!r} is not one of {VERDICTS}")
-
-
-def _missing(claim: str, statement: str, paper: str, chapter: str, path: Path) -> Row:
-    return Row(claim, statement, paper, f"no result: {path.relative_to(PROJECT_ROOT) if path.is_relative_to(PROJECT_ROOT) else path} "
-               "was not written", "", "", "not testable here", chapter)
+    return [_project_path(params.devices_root)]
 
 
 def _pct(x: float) -> str:
@@ -125,31 +101,51 @@ def claim_c1(folder: Path, params: Params) -> Row:
 
 # --------------------------------------------------------------------------- C2, C3
 
-def _kept_accuracy_frontier(sweep: pd.DataFrame, max_drop: float) -> pd.DataFrame:
-    """Per family, the largest FLOPs reduction whose top-1 drop vs the dense model is within max_drop."""
-    rows = sweep[(sweep["family"] != "dense") & (sweep["images"] == "all")].copy()
-    rows["drop"] = rows["dense_top1_same_images"] - rows["top1"]
-    kept = rows[rows["drop"] <= max_drop]
-    best = kept.loc[kept.groupby("family")["flops_reduction"].idxmax()] if not kept.empty else kept
-    return best.set_index("family")
+def _points(d: float, lo: float, hi: float) -> str:
+    return f"{100 * d:+.1f} pts [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
+C2_PARTS = {"tokens minus heads": "token-only beats head-only at equal FLOPs",
+            "joint minus tokens": "joint beats token-only at equal FLOPs"}
 
 
 def claim_c2(folder: Path, params: Params) -> Row:
     statement = "Token pruning gives most of the savings, head pruning finer ones, and joint pruning the best trade-off"
     paper, chapter = "qualitative", "pruning"
-    path = folder / "pruning" / "sweep.csv"
+    path = folder / "pruning" / "equal_flops.csv"
     if not path.is_file():
         return _missing("C2", statement, paper, chapter, path)
-    frontier = _kept_accuracy_frontier(pd.read_csv(path), params.max_top1_drop)
-    reach = {f: float(frontier.loc[f, "flops_reduction"]) if f in frontier.index else 0.0
-             for f in ("token", "head", "joint")}
-    ours = ", ".join(f"{f}-only {_pct(reach[f])}" if f != "joint" else f"joint {_pct(reach[f])}" for f in reach)
-    token_dominates = reach["token"] > reach["head"]
-    joint_best = reach["joint"] >= max(reach["token"], reach["head"])
-    verdict = "reproduced" if token_dominates and joint_best else "not reproduced"
-    return Row("C2", statement, paper,
-               f"largest FLOPs reduction with top-1 within {_pct(params.max_top1_drop)} of the unpruned model: {ours}",
-               "no fine-tuning; each family's best selector", "token > head, and joint ≥ both", verdict, chapter)
+    table = pd.read_csv(path)
+    texts, outcomes = [], []
+    for comparison in C2_PARTS:
+        rows = table[table["comparison"] == comparison]
+        if rows.empty:
+            texts.append(f"{comparison}: not measured (no common FLOPs target)")
+            outcomes.append("inconclusive")
+            continue
+        relations = [interval_relation(r.lo, r.hi) for r in rows.itertuples()]
+        outcomes.append("reproduced" if all(x == "above" for x in relations) else
+                        "not reproduced" if "below" in relations else "inconclusive")
+        texts.append(f"{comparison}: " + ", ".join(f"{_points(r.difference, r.lo, r.hi)} at −{_pct(r.target)}"
+                                                     for r in rows.itertuples()))
+    primaries = sorted({text for column in ("first", "second") for text in table[column]})
+    primaries = ", ".join(f"{label_of(t.split(': ', 1)[1])} for {t.split(': ', 1)[0]}s" for t in primaries
+                          if not t.startswith("joint"))
+    return Row("C2", statement, paper, "top-1 difference, paired over the same images: " + "; ".join(texts),
+               f"no fine-tuning; one FLOPs axis; the declared primaries ({primaries}); at least one head stays in "
+               "every layer, which caps what heads alone can save",
+               "both at every common FLOPs target: " + " and ".join(C2_PARTS.values())
+               + " (paired 95 % interval above 0); one interval below 0 fails the claim",
+               combine(outcomes), chapter)
+
+
+PAPER_FLOPS = 0.494  # the paper's headline FLOPs reduction (C3, C4)
+
+
+def _primary_selector(folder: Path) -> str:
+    """The token selector the pruning chapter declared primary (stored with its sweep)."""
+    meta = folder / "pruning" / "sweep.meta.json"
+    return json.loads(meta.read_text()).get("params", {}).get("primary_selector", "gate") if meta.is_file() else "gate"
 
 
 def claim_c3(folder: Path, params: Params) -> Row:
@@ -159,46 +155,61 @@ def claim_c3(folder: Path, params: Params) -> Row:
     if not path.is_file():
         return _missing("C3", statement, paper, chapter, path)
     sweep = pd.read_csv(path)
-    frontier = _kept_accuracy_frontier(sweep, params.max_top1_drop)
-    best = float(frontier["flops_reduction"].max()) if not frontier.empty else 0.0
-    near = sweep[(sweep["images"] == "all") & ((sweep["flops_reduction"] - 0.494).abs() <= params.flops_match)]
-    near_text = ""
-    if not near.empty:
-        top = near.loc[(near["top1"]).idxmax()]
-        near_text = (f"; at ≈ 49 % fewer FLOPs the best configuration ({top['family']}, {label_of(top['method'])}) keeps top-1 "
-                     f"{_pct(top['top1'])} vs {_pct(top['dense_top1_same_images'])} unpruned")
-    verdict = "reproduced" if best >= 0.494 else "not reproduced"
-    return Row("C3", statement, paper, f"{_pct(best)} with top-1 within {_pct(params.max_top1_drop)}{near_text}",
-               "DeiT-Tiny, real weights, 1300 val images, no fine-tuning (the paper's figure is after fine-tuning)",
-               f"FLOPs reduction ≥ 49.4 % with top-1 drop ≤ {_pct(params.max_top1_drop)}", verdict, chapter)
+    if "top1_drop_hi" not in sweep:
+        return _missing("C3", statement, paper, chapter, path)
+    selector = _primary_selector(folder)
+    ours = sweep[(sweep["images"] == "all") & sweep["family"].isin(["token", "joint"]) & (sweep["method"] == selector)
+                 & (sweep["flops_reduction"] >= PAPER_FLOPS - params.flops_match)]
+    if ours.empty:
+        return _missing("C3", statement, paper, chapter, path)
+    kept = [interval_relation(r.top1_drop_lo, r.top1_drop_hi, params.max_top1_drop) for r in ours.itertuples()]
+    verdict = ("reproduced" if "below" in kept else "not reproduced" if all(k == "above" for k in kept)
+               else "inconclusive")
+    parts = [f"{'tokens and heads' if r.family == 'joint' else 'tokens only'} −{_pct(r.flops_reduction)}: top-1 "
+             f"{_pct(r.top1)} vs {_pct(r.dense_top1_same_images)} unpruned, drop {_points(r.top1_drop, r.top1_drop_lo, r.top1_drop_hi)}"
+             for r in ours.itertuples()]
+    return Row("C3", statement, paper, f"{label_of(selector)}: " + "; ".join(parts),
+               "DeiT-Tiny, real weights, 1300 val images, no fine-tuning (the paper's figure is after fine-tuning); "
+               "HEART's declared token selector, token-only and joint",
+               f"a configuration at ≥ {_pct(PAPER_FLOPS - params.flops_match)} fewer FLOPs whose top-1 drop, paired 95 % "
+               f"interval, lies below {_pct(params.max_top1_drop)} (all intervals above it: not reproduced)",
+               verdict, chapter)
 
 
 # --------------------------------------------------------------------------- C4
 
+C4_LATENCY, C4_THROUGHPUT = 0.36, 0.46  # the paper's latency saved and throughput gained (on a GPU)
+
+
 def claim_c4(folder: Path, params: Params) -> Row:
     statement = "36 % lower latency and 46 % higher throughput (at 49.4 % fewer FLOPs)"
-    paper, chapter = "−36 % latency, +46 % throughput (GPU)", "pruning"
-    path = _project_path(params.speed_benchmark)
+    paper, chapter = "−36 % latency, +46 % throughput (GPU)", "edge"
+    path = folder / "edge" / "speedups.csv"
     if not path.is_file():
         return _missing("C4", statement, paper, chapter, path)
-    bench = json.loads(path.read_text())
-    rows = pd.DataFrame(bench["rows"])
-    rows = rows[rows["kind"] != "dense"]
-    rows = rows.assign(distance=(rows["flops_reduction"] - 0.494).abs())
+    rows = pd.read_csv(path)
+    rows = rows.assign(distance=(rows["flops_reduction"] - PAPER_FLOPS).abs())
     near = rows[rows["distance"] <= params.flops_match]
     if near.empty:
         return _missing("C4", statement, paper, chapter, path)
-    parts, met = [], []
-    for (model, batch), group in near.groupby(["model", "batch"]):
+    parts, outcomes = [], []
+    for (device, model, batch), group in near.groupby(["device_name", "model", "batch_size"], sort=False):
         r = group.loc[group["distance"].idxmin()]
-        parts.append(f"{model} batch {batch}: FLOPs −{_pct(r['flops_reduction'])}, latency −{_pct(r['latency_reduction'])}, "
-                     f"throughput +{_pct(r['throughput_gain'])}")
-        met.append(r["latency_reduction"] >= 0.36 and r["throughput_gain"] >= 0.46)
-    device = bench.get("device", {})
-    setting = f"CPU ({device.get('cpu_model', 'unknown')}, {device.get('threads', '?')} threads), random weights, 224 px"
-    verdict = "reproduced" if all(met) else "not reproduced" if not any(met) else "inconclusive"
-    return Row("C4", statement, paper, "; ".join(parts), setting,
-               "latency −36 % or better and throughput +46 % or better at ≈ 49 % fewer FLOPs, every model and batch",
+        lat = interval_relation(r["latency_reduction_lo"], r["latency_reduction_hi"], C4_LATENCY)
+        thr = interval_relation(r["throughput_gain_lo"], r["throughput_gain_hi"], C4_THROUGHPUT)
+        outcomes.append("reproduced" if lat == thr == "above" else
+                        "not reproduced" if "below" in (lat, thr) else "inconclusive")
+        parts.append(f"{device} {model} batch {batch}: FLOPs −{_pct(r['flops_reduction'])}, latency −{_pct(r['latency_reduction'])} "
+                     f"[{_pct(r['latency_reduction_lo'])}, {_pct(r['latency_reduction_hi'])}], throughput "
+                     f"+{_pct(r['throughput_gain'])} [{_pct(r['throughput_gain_lo'])}, {_pct(r['throughput_gain_hi'])}]")
+    verdict = ("reproduced" if all(o == "reproduced" for o in outcomes) else
+               "not reproduced" if all(o == "not reproduced" for o in outcomes) else "inconclusive")
+    devices = ", ".join(sorted(set(near["device_name"].astype(str))))
+    return Row("C4", statement, paper, "; ".join(parts),
+               f"CPU ({devices}), random weights, 224 px, `python -m heart_lib measure` (fresh process per run); "
+               "95 % bootstrap intervals over runs",
+               f"at ≈ {_pct(PAPER_FLOPS)} fewer FLOPs, latency saved above {_pct(C4_LATENCY)} and throughput gained above "
+               f"{_pct(C4_THROUGHPUT)} (intervals), every device, model and batch; all below: not reproduced; mixed: inconclusive",
                verdict, chapter)
 
 
@@ -312,14 +323,11 @@ def setting_differences(profile: str, params: Params) -> dict[str, str]:
         out["C2"] = out["C3"] = _against_paper({"model": _model(p.model, p.weights),
                                                 "data": _images(p.limit, p.dataset),
                                                 "fine-tuning": "none (accuracy straight after pruning)"})
-    bench = _project_path(params.speed_benchmark)
-    if bench.is_file():
-        record = json.loads(bench.read_text())
-        device = record.get("device", {})
-        models = sorted({_model(r["model"]) for r in record.get("rows", [])})
-        out["C4"] = _against_paper({"model": ", ".join(models) + " with random weights (timing does not depend on them)",
-                                    "device": f"CPU ({device.get('cpu_model', '?')}, {device.get('threads', '?')} "
-                                              "threads)"})
+    speed = results_root() / profile / "edge" / "speedups.csv"
+    models = sorted({_model(m) for m in pd.read_csv(speed)["model"]}) if speed.is_file() else []
+    out["C4"] = _against_paper({"model": (", ".join(models) or "the edge chapter's models")
+                                + " with random weights (timing does not depend on them)",
+                                "device": "CPU (see the edge chapter's device table)"})
     if (p := chapter("finetune")) is not None:
         parts = []
         if p.transfer:

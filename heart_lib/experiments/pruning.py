@@ -6,9 +6,14 @@ One sweep (`run`) evaluates, on the same images and without fine-tuning:
   subset of the images because of its cost, which is reported separately);
 - head-only pruning at FLOPs targets, heads ranked by calibration scores of several methods;
 - joint pruning (heads + tokens) at FLOPs targets;
-- asymmetric schedules from loss budgets ε (predicted vs measured loss increase);
+- paired comparisons at equal FLOPs of the declared primaries (claim C2): token-only against
+  head-only, joint against token-only, on the same images;
+- asymmetric schedules from loss budgets ε (predicted vs measured loss increase), and the same
+  budgets with the prediction calibrated: a ratio measured/predicted fitted on the calibration
+  images, applied to the evaluation images;
 - batch-size-1 per-input budgets with the oracle.
-Every row carries analytic FLOPs of what ran, and accuracy with Wilson intervals.
+Every row carries analytic FLOPs of what ran, accuracy with Wilson intervals, and the top-1 drop
+against the unpruned model on the same images with a paired bootstrap interval.
 """
 
 from __future__ import annotations
@@ -27,11 +32,11 @@ from heart_lib.progress import progress
 
 from heart_lib import catalogue, data, models, planning, results
 from heart_lib import display as D
-from heart_lib.budget import Calibration, predicted_loss, schedule_for_budget
+from heart_lib.budget import Calibration, fitted_ratio, predicted_loss, schedule_for_budget
 from heart_lib.flops import base_shape, count_flops, counted_flops, vit_shape
 from heart_lib.pruning import PruningConfig, prune, train_token_gate
 from heart_lib.pruning.selectors import TokenGateSet, block_inputs, gate_rank_agreement
-from heart_lib.stats import wilson_interval
+from heart_lib.stats import paired_difference, wilson_interval
 
 
 
@@ -69,17 +74,22 @@ class Params:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     layers: list[int] = field(default_factory=lambda: [3, 6, 9])  # token pruning layers
     token_keeps: list[float] = field(default_factory=lambda: [0.8, 0.6])  # symmetric keep ratios
-    flops_targets: list[float] = field(default_factory=lambda: [0.494])  # extra token-only FLOPs reductions
+    # extra token-only FLOPs reductions: the paper's 49.4 % and the levels heads and joint are compared at
+    flops_targets: list[float] = field(default_factory=lambda: [0.28, 0.40, 0.494])
     token_selectors: list[str] = field(default_factory=lambda: ["gate", "cls_attention", "norm", "random"])
     peers: list[str] = field(default_factory=lambda: ["evit", "tome"])
     oracle_method: str = "heart"
     calib_method: str = "heart_hutchinson"  # token/head curvature on calibration images (gate, heads, budgets)
     probes: int = 4  # Hutchinson probes (calibration and, if chosen, the oracle)
     head_methods: list[str] = field(default_factory=lambda: ["heart", "taylor", "random"])
-    head_targets: list[float] = field(default_factory=lambda: [0.07, 0.14])
+    head_targets: list[float] = field(default_factory=lambda: [0.07, 0.14, 0.21, 0.28])  # DeiT-Tiny: ≤ 28 %
     joint_targets: list[float] = field(default_factory=lambda: [0.40, 0.494])
-    joint_head_share: float = 0.07  # FLOPs reduction taken by heads in joint configs
+    joint_head_share: float = 0.07  # FLOPs reduction taken by heads in the primary joint configs
+    joint_head_share_grid: list[float] = field(default_factory=lambda: [0.035, 0.14, 0.21])  # secondary joint variants: every head ranking at these shares
     joint_selectors: list[str] = field(default_factory=lambda: ["gate", "cls_attention"])
+    # Declared before results are read (joint configurations, equal-FLOPs comparisons of claim C2):
+    primary_selector: str = "gate"  # HEART's token selector on every image: the gate trained on its curvature
+    primary_head_method: str = "heart"  # HEART's head ranking
     budgets: list[float] = field(default_factory=lambda: [0.05, 0.2, 0.5])  # ε (nats) for asymmetric schedules
     per_input_budgets: list[float] = field(default_factory=lambda: [0.05, 0.2])
     gate_hidden: int = 64
@@ -121,9 +131,19 @@ class Params:
                 raise ValueError(f"parameter {name!r} = {getattr(self, name)!r}: allowed {', '.join(oracles)}")
         if any(m not in head_methods() for m in self.head_methods):
             raise ValueError(f"parameter 'head_methods' = {self.head_methods}: allowed {list(head_methods())}")
+        if self.primary_selector not in self.token_selectors:
+            raise ValueError(f"parameter 'primary_selector' = {self.primary_selector!r}: must be one of "
+                             f"token_selectors {self.token_selectors}")
+        if self.primary_head_method not in self.head_methods:
+            raise ValueError(f"parameter 'primary_head_method' = {self.primary_head_method!r}: must be one of "
+                             f"head_methods {self.head_methods}")
         if any(s not in self.token_selectors + list(oracles) for s in self.joint_selectors):
             raise ValueError(f"parameter 'joint_selectors' = {self.joint_selectors}: must be among token_selectors "
                              f"or the oracles {list(oracles)}")
+        for share in [self.joint_head_share, *self.joint_head_share_grid]:
+            if not 0 <= share < min(self.joint_targets, default=1):
+                raise ValueError(f"head share {share} (joint_head_share, joint_head_share_grid): must lie in "
+                                 f"[0, the smallest joint target {min(self.joint_targets, default=1)})")
         if any(b < 0 for b in self.budgets + self.per_input_budgets):
             raise ValueError("budgets must be non-negative")
 
@@ -305,6 +325,9 @@ class Item:
     level: str  # the level's label (target)
     config: PruningConfig
     subset: bool = False  # evaluated on the oracle subset only
+    target: float | None = None  # the FLOPs reduction it was matched to (None: a keep ratio or a budget)
+    heads_by: str = ""  # joint configurations: the head ranking and the share of FLOPs its heads save
+    head_share: float | None = None
 
 
 def _reduction(ctx: Context, config: PruningConfig) -> float:
@@ -328,14 +351,14 @@ def sweep_items(ctx: Context) -> list[Item]:
     """Every configuration of the sweep, FLOPs-matched (see module docstring)."""
     p = ctx.params
     items = [Item("dense", "unpruned", "0", PruningConfig())]
-    levels = [(f"keep {k:g}", PruningConfig(layers=tuple(p.layers), keep=(k,), selector="cls_attention"))
+    levels = [(f"keep {k:g}", PruningConfig(layers=tuple(p.layers), keep=(k,), selector="cls_attention"), None)
               for k in p.token_keeps]
-    levels += [(f"FLOPs -{100 * t:.1f} %", _match_keep(ctx, t, "cls_attention")) for t in p.flops_targets]
-    for label, reference in levels:
+    levels += [(f"FLOPs -{100 * t:.1f} %", _match_keep(ctx, t, "cls_attention"), t) for t in p.flops_targets]
+    for label, reference, asked in levels:
         target = _reduction(ctx, reference)
         for selector in p.token_selectors:
             items.append(Item("token", selector, label, reference.replace(selector=selector, gate="sweep-gate")
-                              if _uses_gate(selector) else reference.replace(selector=selector)))
+                              if _uses_gate(selector) else reference.replace(selector=selector), target=asked))
         items.append(Item("token", p.oracle_method, label, reference.replace(selector=p.oracle_method), subset=True))
         # HEART curvature is negative for about half the tokens: rank by |S| as well (book/method.md, 'Components, gates and the sensitivity score' variants)
         items.append(Item("token", f"{p.oracle_method} |S|", label,
@@ -348,29 +371,60 @@ def sweep_items(ctx: Context) -> list[Item]:
             items.append(Item("token", peer, label, config))
     for target in p.head_targets:
         for method in p.head_methods:
-            items.append(Item("head", method, f"FLOPs -{100 * target:.0f} %",
-                              PruningConfig(heads=_heads_for(ctx, ctx.head_scores[method], target))))
+            items.append(Item("head", method, f"FLOPs -{100 * target:.1f} %",
+                              PruningConfig(heads=_heads_for(ctx, ctx.head_scores[method], target)), target=target))
+    variants = [(selector, p.primary_head_method, p.joint_head_share) for selector in p.joint_selectors]
+    variants += [(p.primary_selector, method, share) for share in sorted({p.joint_head_share, *p.joint_head_share_grid})
+                 for method in p.head_methods if (p.primary_selector, method, share) not in variants]
     for target in p.joint_targets:
-        heads = _heads_for(ctx, ctx.head_scores["heart"], p.joint_head_share)
-        for selector in p.joint_selectors:
+        for selector, method, share in variants:
+            heads = _heads_for(ctx, ctx.head_scores[method], share)
             kw = {"gate": "sweep-gate"} if _uses_gate(selector) else {}
             config = _match_keep(ctx, target, selector, heads=heads, **kw)
-            items.append(Item("joint", selector, f"FLOPs -{100 * target:.1f} %", config, subset=_uses_oracle(selector)))
+            primary = method == p.primary_head_method and share == p.joint_head_share
+            level = f"FLOPs -{100 * target:.1f} %" + ("" if primary else f", heads {D.label(method)} {100 * share:g} %")
+            items.append(Item("joint", selector, level, config, subset=_uses_oracle(selector), target=target,
+                              heads_by=method, head_share=share))
     return items
 
 
+def _calibration_loss_increase(ctx: Context, config: PruningConfig) -> float:
+    """Mean pseudo-label loss increase of `config` (oracle selector) on the calibration images, with
+    their own calibration scores as the oracle."""
+    p = ctx.params
+    dense = _logits(ctx.model, ctx.calib_images, p.batch_size)
+    pruned = prune(ctx.model, config)
+    logits = _logits(pruned, ctx.calib_images, p.batch_size, oracle=ctx.calib_token_scores)
+    target = dense.argmax(-1)
+    return float((F.cross_entropy(logits, target, reduction="none")
+                  - F.cross_entropy(dense, target, reduction="none")).mean())
+
+
 def budget_items(ctx: Context) -> tuple[list[Item], dict[str, dict[str, float]]]:
-    """Asymmetric schedules from loss budgets (oracle on the subset, gate on all) and per-input budgets."""
+    """Asymmetric schedules from loss budgets (oracle on the subset, gate on all), the same budgets
+    with the calibrated prediction, and per-input budgets."""
     p = ctx.params
     calib = Calibration.from_scores(ctx.calib_token_scores, ctx.calib_head_raw, ctx.model.num_prefix_tokens)
+
+    def schedule(eps: float):
+        return schedule_for_budget(calib, ctx.shape, eps, layers=tuple(p.layers), selector=p.oracle_method)
+
+    raw = {eps: schedule(eps) for eps in p.budgets}
+    # The ratio is fitted on the calibration images only; the evaluation images then test it.
+    ratio = fitted_ratio([raw[e].predicted["total"] for e in p.budgets],
+                         [_calibration_loss_increase(ctx, raw[e].config.replace(variant="abs")) for e in p.budgets])
     items, predicted = [], {}
-    for eps in p.budgets:
-        sched = schedule_for_budget(calib, ctx.shape, eps, layers=tuple(p.layers), selector=p.oracle_method)
-        label = f"ε={eps:g}"
-        predicted[label] = {**sched.predicted, "reduction": sched.reduction}
-        items.append(Item("budget", f"{p.oracle_method} |S|", label, sched.config.replace(variant="abs"), subset=True))
-        for selector in filter(_uses_gate, p.token_selectors):
-            items.append(Item("budget", selector, label, sched.config.replace(selector=selector, gate="sweep-gate")))
+    for calibrated in (False, True):
+        for eps in p.budgets:
+            sched = schedule(eps / ratio) if calibrated and ratio > 0 else raw[eps]
+            label = f"ε={eps:g}" + (", calibrated" if calibrated else "")
+            scale = ratio if calibrated else 1.0
+            predicted[label] = {**sched.predicted, "reduction": sched.reduction, "asked": eps,
+                                "calibrated": calibrated, "ratio": ratio, "expected": scale * sched.predicted["total"]}
+            items.append(Item("budget", f"{p.oracle_method} |S|", label, sched.config.replace(variant="abs"),
+                              subset=True))
+            for selector in filter(_uses_gate, p.token_selectors):
+                items.append(Item("budget", selector, label, sched.config.replace(selector=selector, gate="sweep-gate")))
     for eps in p.per_input_budgets:
         config = PruningConfig(layers=tuple(p.layers), keep=(0.1,), selector=p.oracle_method, per_input_budget=eps,
                                variant="abs")
@@ -384,7 +438,8 @@ def budget_items(ctx: Context) -> tuple[list[Item], dict[str, dict[str, float]]]
 def evaluate_item(ctx: Context, item: Item) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """Evaluate one configuration: (summary row, per-image loss, per-image correctness)."""
     p = ctx.params
-    index = ctx.oracle_index if item.subset else torch.arange(len(ctx.images))
+    subset = item.subset and len(ctx.oracle_index) < len(ctx.images)  # an oracle on every image is no subset
+    index = ctx.oracle_index if subset else torch.arange(len(ctx.images))
     pruned = prune(ctx.model, item.config, gate=ctx.gate if _uses_gate(item.config.selector) else None)
     kwargs: dict[str, Any] = {}
     if _uses_oracle(item.config.selector) and item.config.layers:
@@ -409,7 +464,8 @@ def evaluate_item(ctx: Context, item: Item) -> tuple[dict[str, Any], np.ndarray,
     correct = (logits.argmax(-1) == labels).numpy()
     hits, n = int(correct.sum()), len(correct)
     lo, hi = wilson_interval(hits, n)
-    dense_hits = int((dense.argmax(-1) == labels).sum())
+    dense_correct = (dense.argmax(-1) == labels).numpy()
+    drop, drop_lo, drop_hi = paired_difference(dense_correct, correct, seed=p.seed)
     if item.config.per_input_budget is not None:
         # FLOPs of each input from the token counts it actually ran with
         flops = float(np.mean([count_flops_from_counts(ctx, item.config, c) for c in pruned.record.counts]))
@@ -417,13 +473,15 @@ def evaluate_item(ctx: Context, item: Item) -> tuple[dict[str, Any], np.ndarray,
         flops = float(count_flops(pruned))
     row = {
         "family": item.family, "method": item.method, "level": item.level, "config": item.config.to_string(),
-        "images": "oracle subset" if item.subset else "all", "n": n,
+        "images": "oracle subset" if subset else "all", "n": n,
         "flops": flops, "gflops": flops / 1e9, "flops_reduction": 1 - flops / ctx.dense_flops,
-        "top1": hits / n, "top1_lo": lo, "top1_hi": hi, "dense_top1_same_images": dense_hits / n,
+        "top1": hits / n, "top1_lo": lo, "top1_hi": hi, "dense_top1_same_images": float(dense_correct.mean()),
+        "top1_drop": drop, "top1_drop_lo": drop_lo, "top1_drop_hi": drop_hi,
         "loss": float(loss.mean()), "loss_increase": float((loss - dense_loss).mean()),
         "pseudo_loss_increase": float((pseudo - dense_pseudo).mean()),
         "agreement_with_dense": float((logits.argmax(-1) == dense.argmax(-1)).float().mean()),
-        "heads_removed": sum(len(h) for _, h in item.config.heads), "eval_seconds": seconds,
+        "heads_removed": sum(len(h) for _, h in item.config.heads), "heads_by": item.heads_by,
+        "head_share": item.head_share, "eval_seconds": seconds,
     }
     return row, loss.numpy(), correct
 
@@ -464,7 +522,7 @@ def run(params: Params, out: Path) -> dict[str, pd.DataFrame]:
     ctx = prepare(params)
     items = sweep_items(ctx)
     b_items, predicted = budget_items(ctx)
-    rows, per_image = [], {}
+    rows, outcomes = [], []
     folder = _cache_folder(params)
     for item in progress(items + b_items, "sweep"):
         name = hashlib.sha256(f"{item.family}|{item.method}|{item.level}|{item.config}|{item.subset}".encode()
@@ -477,39 +535,97 @@ def run(params: Params, out: Path) -> dict[str, pd.DataFrame]:
             with results.atomic_path(path) as tmp:
                 torch.save((row, loss, correct), tmp)
         rows.append(row)
-        per_image[f"{item.family}|{item.method}|{item.level}|{row['images']}"] = correct
+        outcomes.append((item, row, correct))
     sweep = pd.DataFrame(rows)
+    comparisons = equal_flops_comparisons(params, outcomes)
     budget = _budget_table(ctx, sweep, predicted)
     checks = flops_check(ctx, items + b_items)
     costs = {**ctx.costs, "dense_flops": ctx.dense_flops, "oracle_images": len(ctx.oracle_index),
              "oracle_flops_over_dense_forward": ctx.costs["oracle_flops_per_image"] / ctx.dense_flops,
              "gate_params": sum(p.numel() for p in ctx.gate.parameters()),
+             "heads_per_layer": sorted({b.heads for b in ctx.shape.blocks}),
+             "max_head_flops_reduction": _reduction(ctx, PruningConfig(
+                 heads={l: tuple(range(b.heads - 1)) for l, b in enumerate(ctx.shape.blocks) if b.heads > 1})),
              "gate_spearman_heldout": {str(k): v for k, v in ctx.gate_agreement.items()}}
     meta = {"params": asdict(params), "params_key": params.key()}
     results.write_table(out / "sweep.csv", sweep, meta=meta)
     results.write_table(out / "budget.csv", budget, meta=meta)
     results.write_table(out / "flops_check.csv", checks, meta=meta)
+    results.write_table(out / "equal_flops.csv", comparisons, meta=meta)
     results.write_json(out / "costs.json", costs)
     # meta last: its presence marks a finished sweep
     results.write_json(meta_path, {**results.run_metadata(), **meta})
     return load_tables(out)
 
 
+FAMILY_TITLES = {"token": "tokens only", "head": "heads only", "joint": "tokens and heads", "budget": "loss budgets"}
+COMPARISON_COLUMNS = ["comparison", "target", "first", "second", "first_flops_reduction",
+                      "second_flops_reduction", "n", "first_top1", "second_top1", "difference", "lo", "hi"]
+
+
+def equal_flops_comparisons(params: Params, outcomes: list[tuple[Item, dict[str, Any], np.ndarray]]) -> pd.DataFrame:
+    """Top-1 of one primary configuration minus another's at the same FLOPs target, on the same
+    images, with a paired bootstrap interval: token-only (primary selector) against head-only (primary
+    head ranking) wherever both were matched to one target, and joint against token-only likewise."""
+    found = {(item.family, item.method, item.target): (row, correct) for item, row, correct in outcomes
+             if item.target is not None and row["images"] == "all"
+             and (item.family != "joint" or (item.heads_by == params.primary_head_method
+                                             and item.head_share == params.joint_head_share))}
+    pairs = [("tokens minus heads", ("token", params.primary_selector), ("head", params.primary_head_method)),
+             ("joint minus tokens", ("joint", params.primary_selector), ("token", params.primary_selector))]
+    rows = []
+    for name, first, second in pairs:
+        for target in sorted({t for (_, _, t) in found}):
+            a, b = found.get((*first, target)), found.get((*second, target))
+            if a is None or b is None:
+                continue
+            difference, lo, hi = paired_difference(a[1], b[1], seed=params.seed)
+            rows.append({"comparison": name, "target": target, "first": f"{first[0]}: {first[1]}",
+                         "second": f"{second[0]}: {second[1]}", "first_flops_reduction": a[0]["flops_reduction"],
+                         "second_flops_reduction": b[0]["flops_reduction"], "n": len(a[1]),
+                         "first_top1": a[0]["top1"], "second_top1": b[0]["top1"],
+                         "difference": difference, "lo": lo, "hi": hi})
+    return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+
+
+def equal_flops_table(comparisons: pd.DataFrame):
+    """The equal-FLOPs comparisons for the page: what against what, FLOPs saved, top-1 difference."""
+    def named(text: str) -> str:  # "token: gate" -> "tokens only (learned gate)"
+        family, method = text.split(": ", 1)
+        return f"{FAMILY_TITLES.get(family, family)} ({D.label(method)})"
+
+    return D.table(comparisons, {
+        "first": lambda t: t["first"].map(named),
+        "second": lambda t: t["second"].map(named),
+        "FLOPs target (%)": lambda t: t.target.map(D.percent),
+        "FLOPs saved (%), first / second": lambda t: [f"{D.percent(a)} / {D.percent(b)}" for a, b in
+                                                      zip(t.first_flops_reduction, t.second_flops_reduction)],
+        "top-1 (%), first / second": lambda t: [f"{D.percent(a)} / {D.percent(b)}" for a, b in
+                                                zip(t.first_top1, t.second_top1)],
+        "first minus second (points), paired 95 % CI": lambda t: [_points(d, lo, hi) for d, lo, hi in
+                                                                   zip(t.difference, t.lo, t.hi)],
+    })
+
+
 def _budget_table(ctx: Context, sweep: pd.DataFrame, predicted: dict[str, dict[str, float]]) -> pd.DataFrame:
     rows = []
     for label, pred in predicted.items():
         for _, r in sweep[(sweep.family == "budget") & (sweep.level == label)].iterrows():
-            rows.append({"budget": label, "selector": r["method"], "images": r["images"], "config": r["config"],
+            rows.append({"budget": label, "asked_epsilon": pred["asked"], "calibrated": pred["calibrated"],
+                         "ratio": pred["ratio"], "expected_loss_increase": pred["expected"],
+                         "selector": r["method"], "images": r["images"], "config": r["config"],
                          "predicted_loss_increase": pred["total"], "predicted_tokens": pred["tokens"],
                          "predicted_heads": pred["heads"], "measured_pseudo_loss_increase": r["pseudo_loss_increase"],
                          "measured_loss_increase": r["loss_increase"], "flops_reduction": r["flops_reduction"],
-                         "top1": r["top1"], "top1_lo": r["top1_lo"], "top1_hi": r["top1_hi"]})
+                         "top1": r["top1"], "top1_lo": r["top1_lo"], "top1_hi": r["top1_hi"],
+                         "held": bool(r["pseudo_loss_increase"] <= pred["asked"])})
     return pd.DataFrame(rows)
 
 
 def load_tables(out: Path) -> dict[str, pd.DataFrame]:
     out = Path(out)
-    tables = {name: results.read_table(out / f"{name}.csv") for name in ("sweep", "budget", "flops_check")}
+    tables = {name: results.read_table(out / f"{name}.csv")
+              for name in ("sweep", "budget", "flops_check", "equal_flops")}
     tables["costs"] = results.read_json(out / "costs.json")
     return tables
 
@@ -517,38 +633,85 @@ def load_tables(out: Path) -> dict[str, pd.DataFrame]:
 # ------------------------------------------------------------------------------------------ display
 
 
-def accuracy_table(sweep: pd.DataFrame, family: str):
-    """One family's rows for the page: method, level, FLOPs, top-1 with its 95 % Wilson interval."""
+def _primary_joint(sweep: pd.DataFrame) -> pd.Series:
+    """Rows that are not secondary joint variants (their level names a head ranking and share)."""
+    return ~((sweep.family == "joint") & sweep.level.astype(str).str.contains(", heads "))
 
-    rows = sweep[sweep.family.isin([family, "dense"])]
+
+def accuracy_table(sweep: pd.DataFrame, family: str):
+    """One family's rows for the page: method, level, FLOPs, top-1 with its 95 % Wilson interval
+    (joint: the primary head ranking and share; the variants are `joint_variants_table`)."""
+
+    rows = sweep[sweep.family.isin([family, "dense"]) & _primary_joint(sweep)]
     return D.table(rows, {
         "method": lambda t: [D.label(m) + (" †" if i != "all" else "") for m, i in zip(t.method, t.images)],
         "level": lambda t: ["–" if l == "0" else l for l in t.level],
-        "GFLOPs": lambda t: t.gflops.map(lambda v: f"{v:.3f}"),
         "FLOPs saved (%)": lambda t: t.flops_reduction.map(D.percent),
         "top-1 (%), 95 % CI": lambda t: [D.with_interval(a, lo, hi) for a, lo, hi in zip(t.top1, t.top1_lo, t.top1_hi)],
         "unpruned top-1, same images (%)": lambda t: t.dense_top1_same_images.map(D.percent),
+        "drop (points), paired 95 % CI": lambda t: [_points(d, lo, hi) for d, lo, hi in
+                                                    zip(t.top1_drop, t.top1_drop_lo, t.top1_drop_hi)],
         "Δloss (nats)": lambda t: t.loss_increase.map(lambda v: f"{v:+.3f}"),
         "configuration": "config",
     })
+
+
+def joint_variants_table(sweep: pd.DataFrame):
+    """Joint pruning with the primary token selector and every head ranking and head share: top-1
+    (95 % Wilson interval) per FLOPs target, one row per variant."""
+    joint = sweep[(sweep.family == "joint") & (sweep.images == "all") & sweep.heads_by.notna()
+                  & (sweep.heads_by.astype(str) != "")].copy()
+    if joint.empty:
+        return D.table(joint, {})
+    joint["target"] = joint.level.str.extract(r"FLOPs -([0-9.]+) %", expand=False).astype(float)
+    first = joint.sort_values("target").groupby(["method", "heads_by", "head_share"], sort=False)
+    rows = [{"tokens": D.label(m), "heads ranked by": D.label(h), "head share (%)": f"{100 * s:g}",
+             **{f"top-1 at −{t:g} % FLOPs": D.with_interval(r.top1, r.top1_lo, r.top1_hi)
+                for r, t in zip(g.itertuples(), g.target)}} for (m, h, s), g in first]
+    frame = pd.DataFrame(rows).sort_values(["tokens", "heads ranked by", "head share (%)"])
+    return D.table(frame)
+
+
+def _points(value: float, lo: float, hi: float) -> str:
+    """A difference of two accuracies in percentage points with its interval."""
+    return f"{100 * value:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
 
 
 SUBSET_NOTE = "† on the oracle subset of the images (see the column \"unpruned top-1, same images\")."
 
 
 def budget_table(budget: pd.DataFrame):
-    """Budget schedules: predicted against measured loss increase, FLOPs saved and top-1."""
+    """Budget schedules: asked ε, the prediction (raw or calibrated), the measured loss increase,
+    whether ε held, FLOPs saved and top-1."""
 
     return D.table(budget, {
-        "budget ε (nats)": lambda t: [b.replace("ε=", "") for b in t.budget],
+        "asked ε (nats)": lambda t: t.asked_epsilon.map(lambda v: f"{v:g}"),
+        "prediction": lambda t: [f"calibrated (× {r:.2f})" if c else "raw" for c, r in zip(t.calibrated, t.ratio)],
         "tokens chosen by": lambda t: [D.label(m) + (" †" if i != "all" else "") for m, i in zip(t.selector, t.images)],
-        "predicted ΔL (nats)": lambda t: t.predicted_loss_increase.map(lambda v: f"{v:.3f}"),
+        "expected ΔL (nats)": lambda t: t.expected_loss_increase.map(lambda v: f"{v:.3f}"),
         "measured ΔL, pseudo-label (nats)": lambda t: t.measured_pseudo_loss_increase.map(lambda v: f"{v:+.3f}"),
+        "ε held": lambda t: t.held.map(lambda v: "yes" if v else "no"),
         "measured ΔL, true label (nats)": lambda t: t.measured_loss_increase.map(lambda v: f"{v:+.3f}"),
         "FLOPs saved (%)": lambda t: t.flops_reduction.map(D.percent),
         "top-1 (%), 95 % CI": lambda t: [D.with_interval(a, lo, hi) for a, lo, hi in zip(t.top1, t.top1_lo, t.top1_hi)],
-        "configuration": "config",
     })
+
+
+def head_limit_line(costs: dict[str, Any]) -> str:
+    """What a model with few heads per layer can say about head redundancy."""
+    heads = "/".join(str(h) for h in costs["heads_per_layer"])
+    return (f"This model has {heads} heads per layer and one must stay in every layer, so heads alone can save at "
+            f"most {D.percent(costs['max_head_flops_reduction'])} % of the FLOPs; the head-only curve stops there. With "
+            "so few heads, removing one takes a large share of a layer's attention at once: these results say "
+            "little about the finer head redundancy of models with 12 heads per layer (ViT-B, DeiT-B).")
+
+
+def oracle_cost_line(costs: dict[str, Any]) -> str:
+    """One sentence on what the HEART oracle's rows cost beyond their FLOPs column."""
+    return (f"The HEART oracle's rows cost more than their FLOPs column says: scoring an image takes "
+            f"{costs['oracle_seconds_per_image']:.2f} s here, {costs['oracle_flops_over_dense_forward']:.1f}× the "
+            f"FLOPs of an unpruned forward pass, before the pruned forward runs "
+            f"({costs['oracle_images']:,} images scored). The edge chapter times it end to end.")
 
 
 def costs_markdown(costs: dict[str, Any], flops_check: pd.DataFrame) -> str:
@@ -587,8 +750,7 @@ def pareto_figure(sweep: pd.DataFrame, families: tuple[str, ...] = ("token", "he
                         yerr=[100 * (group.top1 - group.top1_lo), 100 * (group.top1_hi - group.top1)],
                         capsize=2, ms=5, lw=1.2, label=name, **style[name])
         ax.axhline(100 * dense.top1, color="grey", ls="--", lw=1)
-        ax.set_title({"token": "tokens only", "head": "heads only", "joint": "tokens and heads",
-                      "budget": "loss budgets"}.get(family, family))
+        ax.set_title(FAMILY_TITLES.get(family, family))
     for ax in axes.flat[len(families):]:
         ax.remove()
     for ax in axes[-1]:
@@ -603,23 +765,25 @@ def pareto_figure(sweep: pd.DataFrame, families: tuple[str, ...] = ("token", "he
 
 
 def budget_figure(budget: pd.DataFrame):
-    """Predicted vs measured loss increase of the budget schedules."""
+    """Measured pseudo-label loss increase against the asked budget ε, with the raw prediction
+    (dashed) and the calibrated one (solid): a schedule that keeps its promise lies on or below the
+    diagonal."""
     from heart_lib import plots
     import matplotlib.pyplot as plt
 
     plots.use_style()
     fig, ax = plt.subplots(figsize=(0.75 * plots.COLUMN_WIDTH, 4))
-    groups = list(budget.groupby(["selector", "images"]))
-    style = plots.styles([f"{s}|{i}" for (s, i), _ in groups])
-    for (selector, images), group in groups:
-        st = style[f"{selector}|{images}"]
-        name = D.label(selector) + (" (oracle subset)" if images != "all" else "")
-        ax.plot(group.predicted_loss_increase, group.measured_pseudo_loss_increase, ls="-", label=f"{name}, pseudo-label",
-                **st)
-        ax.plot(group.predicted_loss_increase, group.measured_loss_increase, ls="--", color=st["color"],
-                marker=st["marker"], mfc="white", label=f"{name}, true label")
-    top = float(max(budget.predicted_loss_increase.max(), budget.measured_pseudo_loss_increase.max(), 1e-3))
-    ax.plot([0, top], [0, top], color="grey", ls=":", label="measured = predicted")
-    ax.set(xlabel="predicted ΔL (nats)", ylabel="measured ΔL (nats)")
-    ax.legend()
+    names = {k: D.label(s) + (" (oracle subset)" if i != "all" else "") for k, (s, i) in
+             ((k, k) for k in dict.fromkeys(zip(budget.selector, budget.images)))}
+    style = plots.styles(list(names.values()))
+    for (selector, images, calibrated), group in budget.groupby(["selector", "images", "calibrated"]):
+        name = names[(selector, images)]
+        group = group.sort_values("asked_epsilon")
+        ax.plot(group.asked_epsilon, group.measured_pseudo_loss_increase, ls="-" if calibrated else "--",
+                mfc=None if calibrated else "white", **style[name],
+                label=f"{name}, {'calibrated' if calibrated else 'raw'} prediction")
+    top = float(max(budget.asked_epsilon.max(), 1e-3))
+    ax.plot([0, top], [0, top], color="grey", ls=":", label="measured = asked ε")
+    ax.set(xlabel="asked budget ε (nats)", ylabel="measured ΔL, pseudo-label (nats)")
+    ax.legend(fontsize=7)
     return fig

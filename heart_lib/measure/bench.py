@@ -141,7 +141,14 @@ def is_out_of_memory(err: BaseException) -> bool:
                                               or "failed to allocate" in text)
 
 
-def _activation_floor_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
+def forward_mode(autograd: bool = False):
+    """The grad mode forwards are timed in: inference mode, or no_grad for a model whose forward
+    differentiates inside itself (the HEART oracle's Hessian-vector products), since tensors made in
+    inference mode can never enter autograd."""
+    return torch.no_grad() if autograd else torch.inference_mode()
+
+
+def _activation_floor_bytes(model: torch.nn.Module, x: torch.Tensor, autograd: bool = False) -> int:
     """A lower bound of one forward's live activations: input plus the two largest module outputs.
 
     The measured growth of a batch-1 probe can be zero when the allocator reuses memory freed by
@@ -155,7 +162,7 @@ def _activation_floor_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
     try:
-        with torch.inference_mode():
+        with forward_mode(autograd):
             model(x)
     finally:
         for handle in handles:
@@ -165,7 +172,7 @@ def _activation_floor_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def predict_fits(model: torch.nn.Module, batch_size: int, image_size: int, device: str, precision: str,
-                 headroom: float = 0.8) -> tuple[bool, str]:
+                 headroom: float = 0.8, autograd: bool = False) -> tuple[bool, str]:
     """Whether a forward at `batch_size` should fit, from a batch-1 probe's memory growth.
 
     On a CPU an allocation that does not fit often does not raise: the kernel's out-of-memory
@@ -180,11 +187,11 @@ def predict_fits(model: torch.nn.Module, batch_size: int, image_size: int, devic
     x = make_input(1, image_size, device, precision)
     base = torch.cuda.memory_allocated(device) if device.startswith("cuda") else _rss_bytes()
     reset_peak_memory(device)
-    with torch.inference_mode():
+    with forward_mode(autograd):
         model(x)
     sync()
     peak = peak_memory_bytes(device)
-    floor = _activation_floor_bytes(model, x)
+    floor = _activation_floor_bytes(model, x, autograd)
     growth = peak - base if base is not None and peak is not None else 0
     per_image = max(growth, floor)
     need = per_image * batch_size
@@ -230,13 +237,15 @@ class Timing:
         }
 
 
-def time_forward(model: torch.nn.Module, x: torch.Tensor, settings: TimingSettings, device: str) -> Timing:
-    """Warm up, then time forward passes of `model` on `x` (see module docstring)."""
+def time_forward(model: torch.nn.Module, x: torch.Tensor, settings: TimingSettings, device: str,
+                 autograd: bool = False) -> Timing:
+    """Warm up, then time forward passes of `model` on `x` (see module docstring); `autograd`: the
+    forward differentiates inside itself (see `forward_mode`)."""
     settings.check()
     if model.training:
         raise ValueError("the model is in training mode; call model.eval() before timing it")
     sync = synchronizer(device)
-    with torch.inference_mode():
+    with forward_mode(autograd):
         sync()
         start = time.perf_counter()
         for _ in range(settings.warmup_iters):

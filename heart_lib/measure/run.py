@@ -109,13 +109,15 @@ def measure_one(spec: RunSpec, source: energy.EnergySource | None = None,
         work = (build or (lambda s: workload.build(s.model, s.pruning, weights=s.weights, seed=s.seed,
                                                    model_kwargs=s.model_kwargs)))(spec)
         row["params_m"] = work.params_m
+        if work.notes:
+            row["workload_notes"] = work.notes
         if spec.count_flops:
             row.update(workload.flops_per_image(work))
         model = work.model.to(device=spec.device, dtype=bench.PRECISIONS[spec.precision]).eval()
         if spec.batch_size > 1 and not spec.device.startswith("cuda"):
             # On a CPU a batch that does not fit is killed by the OOM killer rather than raising.
             fits, detail = bench.predict_fits(model, spec.batch_size, work.image_size, spec.device,
-                                              spec.precision, spec.memory_headroom)
+                                              spec.precision, spec.memory_headroom, work.autograd)
             raw["memory_prediction"] = detail
             if not fits:
                 row.update(status="oom_predicted", status_detail=detail)
@@ -131,7 +133,7 @@ def measure_one(spec: RunSpec, source: energy.EnergySource | None = None,
                 idle = (i0, time.perf_counter())
         row["load_avg_1m_start"] = _load_average()
         try:
-            timing = bench.time_forward(model, x, spec.timing(), spec.device)
+            timing = bench.time_forward(model, x, spec.timing(), spec.device, work.autograd)
         finally:
             trace = sampler.stop() if sampler is not None else None
         row.update(timing.summary(spec.batch_size))

@@ -91,3 +91,50 @@ def add_relative(summary: pd.DataFrame) -> pd.DataFrame:
             except (TypeError, ValueError, ZeroDivisionError):
                 pass
     return out
+
+
+def median_ratio(pruned: np.ndarray, dense: np.ndarray, n_resamples: int = 2000, seed: int = 0,
+                 confidence: float = 0.95) -> tuple[float, float, float]:
+    """median(pruned) / median(dense) over independent runs of each, with a percentile bootstrap
+    interval (each configuration's runs resampled on their own): (ratio, lo, hi)."""
+    a, b = np.asarray(pruned, dtype=float), np.asarray(dense, dtype=float)
+    a, b = a[np.isfinite(a)], b[np.isfinite(b)]
+    if len(a) == 0 or len(b) == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    boots = (np.median(a[rng.integers(0, len(a), (n_resamples, len(a)))], axis=1)
+             / np.median(b[rng.integers(0, len(b), (n_resamples, len(b)))], axis=1))
+    alpha = (1 - confidence) / 2
+    return float(np.median(a) / np.median(b)), float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha))
+
+
+SPEEDUP_KEYS = ("device_name", "device", "model", "batch_size", "precision", "threads")
+SPEEDUP_VALUES = ("pruning", "flops_reduction", "runs_pruned", "runs_dense", "latency_reduction",
+                  "latency_reduction_lo", "latency_reduction_hi", "throughput_gain", "throughput_gain_lo",
+                  "throughput_gain_hi")
+
+
+def speedups(runs: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """Every pruned configuration against the unpruned model on the same device, precision, threads
+    and batch, from the successful runs: FLOPs saved, latency saved and throughput gained, each
+    with a bootstrap interval over runs."""
+    ok = runs[runs["status"] == "ok"]
+    if ok.empty or "pruning" not in ok:
+        return pd.DataFrame(columns=[*SPEEDUP_KEYS, *SPEEDUP_VALUES])
+    keys = [k for k in SPEEDUP_KEYS if k in runs]
+    rows = []
+    for key, group in ok.groupby(keys, dropna=False, sort=False):
+        dense = group[group["pruning"] == "none"]
+        if dense.empty:
+            continue
+        for pruning, pruned in group[group["pruning"] != "none"].groupby("pruning", sort=False):
+            lat, lat_lo, lat_hi = median_ratio(pruned["latency_median_ms"], dense["latency_median_ms"], seed=seed)
+            thr, thr_lo, thr_hi = median_ratio(pruned["throughput_img_s"], dense["throughput_img_s"], seed=seed)
+            rows.append({**dict(zip(keys, key)), "pruning": pruning,
+                         "flops_reduction": 1 - float(pruned["flops_per_image"].median())
+                                            / float(dense["flops_per_image"].median()),
+                         "runs_pruned": len(pruned), "runs_dense": len(dense),
+                         "latency_reduction": 1 - lat, "latency_reduction_lo": 1 - lat_hi,
+                         "latency_reduction_hi": 1 - lat_lo,
+                         "throughput_gain": thr - 1, "throughput_gain_lo": thr_lo - 1, "throughput_gain_hi": thr_hi - 1})
+    return pd.DataFrame(rows, columns=[*keys, *SPEEDUP_VALUES])

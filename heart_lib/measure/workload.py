@@ -3,7 +3,12 @@
 `--pruning none` measures the plain timm model. Any other value is a pruning configuration in the
 pruning engine's compact text form (e.g. ``tokens=0.7@3,6,9;selector=cls_attention``) or a path to
 a YAML/JSON file; it is parsed and applied by `heart_lib.pruning` (imported lazily, so the harness
-still measures unpruned models where the engine is absent).
+still measures unpruned models where the engine is absent). Every selector the pruning chapter
+evaluates can be timed:
+- the learned gate: with the trained gate when `gate=` names its file, else with an untrained gate of
+  the same shape (the gate's cost depends on its shape only, not on its weights);
+- the HEART oracle (`selector=heart`): each timed forward scores its own input with Hessian-vector
+  products and then runs the pruned model, so the latency is end to end (scoring included).
 
 FLOPs per image come from `heart_lib.flops` when importable (analytic count of what runs, plus
 PyTorch's FlopCounterMode count as a cross-check); otherwise from FlopCounterMode alone, run with
@@ -31,6 +36,11 @@ class Workload:
     pruning: str  # canonical text form; "none" for the plain model
     image_size: int
     params_m: float
+    autograd: bool = False  # the forward differentiates inside itself (the HEART oracle)
+    notes: str = ""  # what differs from the deployed model (an untrained gate of the same shape)
+
+
+UNTRAINED_GATE_HIDDEN = 64  # the pruning chapter's gate size (its parameter gate_hidden)
 
 
 def canonical_pruning(text: str) -> str:
@@ -53,13 +63,26 @@ def build(model_name: str, pruning: str = "none", *, weights: str = "none", seed
     model = models.create_model(model_name, weights, seed=seed, **(model_kwargs or {}))
     text = canonical_pruning(pruning)
     image_size = int(model.patch_embed.img_size[0]) if hasattr(model, "patch_embed") else 224
+    autograd, notes = False, ""
     if text != "none":
-        from heart_lib import pruning as engine
+        from pathlib import Path
 
-        model = engine.prune(model, text)
+        from heart_lib import catalogue
+        from heart_lib import pruning as engine
+        from heart_lib.pruning.selectors import TokenGateSet
+
+        config = engine.PruningConfig.parse(text)
+        needs = catalogue.reducer(config.selector).needs if config.layers else ()
+        gate = None
+        if "gate" in needs and not Path(str(config.gate)).is_file():
+            torch.manual_seed(seed)
+            gate = TokenGateSet(model.embed_dim, config.layers, UNTRAINED_GATE_HIDDEN).eval()
+            notes = f"untrained token gate of the same shape ({UNTRAINED_GATE_HIDDEN} hidden units): timing only"
+        autograd = "oracle" in needs
+        model = engine.prune(model, config, gate=gate)
     model.eval()
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    return Workload(model, model_name, text, image_size, params)
+    return Workload(model, model_name, text, image_size, params, autograd, notes)
 
 
 def flops_per_image(workload: Workload) -> dict[str, Any]:
