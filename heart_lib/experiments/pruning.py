@@ -75,7 +75,7 @@ class Params:
     layers: list[int] = field(default_factory=lambda: [3, 6, 9])  # token pruning layers
     token_keeps: list[float] = field(default_factory=lambda: [0.8, 0.6])  # symmetric keep ratios
     # extra token-only FLOPs reductions: the paper's 49.4 % and the levels heads and joint are compared at
-    flops_targets: list[float] = field(default_factory=lambda: [0.28, 0.40, 0.494])
+    flops_targets: list[float] = field(default_factory=lambda: [0.28, 0.40, 0.494, 0.6])
     token_selectors: list[str] = field(default_factory=lambda: ["gate", "cls_attention", "norm", "random"])
     peers: list[str] = field(default_factory=lambda: ["evit", "tome"])
     oracle_method: str = "heart"
@@ -761,6 +761,32 @@ def pareto_figure(sweep: pd.DataFrame, families: tuple[str, ...] = ("token", "he
     handles.append(plt.Line2D([], [], color="grey", ls="--", label="unpruned"))
     fig.legend(handles=handles, loc="lower center", ncol=2, bbox_to_anchor=(0.5, 0), frameon=False)
     fig.tight_layout(rect=(0, 0.02 + 0.17 / fig.get_figheight() * (-(-len(handles) // 2)), 1, 1))  # 0.17 in per legend row
+    return fig
+
+
+def families_figure(sweep: pd.DataFrame, selector: str, head_method: str):
+    """Claim C2 on one axis: top-1 against FLOPs saved for token-only (`selector`), head-only
+    (`head_method`) and joint pruning (both, the declared head share), on all images, with 95 %
+    Wilson bars; the unpruned model as a dashed line."""
+    from heart_lib import plots
+    import matplotlib.pyplot as plt
+
+    plots.use_style()
+    rows = sweep[(sweep.images == "all") & _primary_joint(sweep)]
+    curves = {"tokens only": rows[(rows.family == "token") & (rows.method == selector)],
+              "heads only": rows[(rows.family == "head") & (rows.method == head_method)],
+              "tokens and heads": rows[(rows.family == "joint") & (rows.method == selector)]}
+    style = plots.styles(list(curves))
+    fig, ax = plt.subplots(figsize=(0.75 * plots.COLUMN_WIDTH, 3.6))
+    for name, group in curves.items():
+        group = group.sort_values("flops_reduction")
+        ax.errorbar(100 * group.flops_reduction, 100 * group.top1,
+                    yerr=[100 * (group.top1 - group.top1_lo), 100 * (group.top1_hi - group.top1)],
+                    capsize=2, ms=5, lw=1.2, label=name, **style[name])
+    ax.axhline(100 * sweep[sweep.family == "dense"].iloc[0].top1, color="grey", ls="--", lw=1, label="unpruned")
+    ax.set(xlabel="FLOPs saved (%)", ylabel="top-1 (%)")
+    ax.set_title(f"tokens: {D.label(selector)}; heads: {D.label(head_method)}", fontsize=8)
+    ax.legend(fontsize=7)
     return fig
 
 
