@@ -1,9 +1,9 @@
 """Latency and throughput of exactly the configurations the pruning chapter reports at the paper's
 FLOPs level, with the study's one timing harness (`python -m heart_lib measure`).
 
-Reads a profile's `pruning/sweep.csv`, takes the unpruned model and every token-only and joint
-configuration evaluated on all images at the level nearest the paper's 49.4 % FLOPs reduction (the
-learned gate, class attention, norm, random, EViT, ToMe, the HEART oracle), and times them on this
+Reads a profile's `pruning/sweep.csv`, takes the unpruned model and every token-only and declared
+joint configuration evaluated on all images at the level nearest the paper's 49.4 % FLOPs reduction
+(the learned gate, class attention, norm, random, EViT, ToMe, the HEART oracle), and times them on this
 device: every configuration at batch 1 and `--large-batch`, the HEART oracle at batch 1 only (it
 scores each input with Hessian-vector products, about a second per image on a CPU, so a large batch
 would take minutes per iteration). Random weights and an untrained gate of the trained one's shape:
@@ -30,7 +30,8 @@ PAPER_FLOPS = 0.494
 
 def configurations(sweep: pd.DataFrame, target: float = PAPER_FLOPS) -> tuple[list[str], list[str]]:
     """(configurations without the oracle, oracle configurations) at the level nearest `target`."""
-    rows = sweep[sweep["family"].isin(["token", "joint"])].copy()
+    rows = sweep[sweep["family"].isin(["token", "joint"]) & (sweep["images"] == "all")
+                 & ~sweep["level"].astype(str).str.contains(", heads ")].copy()  # declared joint only, no variants
     rows["distance"] = (rows["flops_reduction"] - target).abs()
     levels = rows.groupby(["family", "level"])["distance"].min().reset_index()
     chosen = levels.loc[levels.groupby("family")["distance"].idxmin()]
