@@ -1,15 +1,19 @@
 """Render the Jupyter Book from a profile's executed notebooks (no re-execution).
 
 The book's sources (`book/`) are copied into a build folder, the profile's executed notebooks are
-staged into it as `_staged/<name>.ipynb` (a chapter whose notebook has not been run gets a page
-saying so), MathJax is served from the local npm copy, and Jupyter Book builds strictly (warnings
-are errors). The build is skipped when none of its inputs changed.
+staged into it as `_staged/<name>.ipynb` (a chapter whose notebook has not been run gets a notebook
+page saying so, so links to it still resolve), MathJax is served from the local npm copy, the
+repository button links to the repository the book was built from (`HEART_REPOSITORY_URL`, else
+the git remote `origin`, when there is one), and Jupyter Book builds strictly (warnings are errors).
+The build is skipped when none of its inputs changed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,7 +42,7 @@ def _book_sources() -> list[Path]:
 
 
 def _inputs_digest(profile: str) -> str:
-    h = hashlib.sha256(profile.encode())
+    h = hashlib.sha256(profile.encode() + str(repository_url()).encode())
     for path in _book_sources() + sorted(results_root().joinpath(profile).glob("*.ipynb")):
         h.update(str(path).encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
@@ -57,6 +61,44 @@ def without_parameter_cells(notebook: dict) -> dict:
     return notebook
 
 
+def repository_url() -> str | None:
+    """The web address of the repository: HEART_REPOSITORY_URL, else git's `origin` remote made an
+    https address (git@host:owner/name.git -> https://host/owner/name); None when there is neither."""
+    url = os.environ.get("HEART_REPOSITORY_URL", "").strip()
+    if not url:
+        try:
+            done = subprocess.run(["git", "-C", str(PROJECT_ROOT), "remote", "get-url", "origin"],
+                                  capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        url = done.stdout.strip() if done.returncode == 0 else ""
+    url = re.sub(r"^git@([^:]+):", r"https://\1/", url)
+    url = re.sub(r"\.git$", "", url)
+    return url if url.startswith(("https://", "http://")) else None
+
+
+def _placeholder(name: str, profile: str) -> dict:
+    """A one-cell notebook for a chapter that has not been executed (links to `<name>.ipynb` resolve)."""
+    text = (f"# {name.capitalize()}\n\nThis chapter has not been executed for the `{profile}` profile yet. "
+            f"Run `python -m heart_lib run --profile {profile}` (or `make book`) to compute it.")
+    return {"cells": [{"cell_type": "markdown", "metadata": {}, "source": text}], "metadata": {},
+            "nbformat": 4, "nbformat_minor": 5}
+
+
+def _link_repository(source: Path) -> None:
+    """Turn the repository button on in the staged configuration when the address is known."""
+    import yaml
+
+    url = repository_url()
+    if url is None:
+        return
+    path = source / "_config.yml"
+    settings = yaml.safe_load(path.read_text())
+    settings.setdefault("repository", {})["url"] = url
+    settings.setdefault("html", {})["use_repository_button"] = True
+    path.write_text(yaml.safe_dump(settings, sort_keys=False, allow_unicode=True))
+
+
 def stage(profile: str, source: Path) -> None:
     """Copy the book sources and the profile's executed notebooks into `source`."""
     if source.exists():
@@ -69,9 +111,8 @@ def stage(profile: str, source: Path) -> None:
         if executed.is_file():
             (staged / f"{name}.ipynb").write_text(json.dumps(without_parameter_cells(json.loads(executed.read_text()))))
         else:
-            (staged / f"{name}.md").write_text(
-                f"# {name.capitalize()}\n\nThis chapter has not been executed for the `{profile}` profile "
-                f"yet. Run `python -m heart_lib run --profile {profile}` (or `make book`) to compute it.\n")
+            (staged / f"{name}.ipynb").write_text(json.dumps(_placeholder(name, profile)))
+    _link_repository(source)
     if not (MATHJAX_DIR / "tex-chtml.js").is_file():
         raise BookError(f"local MathJax not found at {MATHJAX_DIR}; run `make mathjax` (npm install mathjax@3)")
     # Only what tex-chtml needs at run time: the component, its fonts and the TeX extensions it

@@ -279,3 +279,30 @@ def test_the_default_book_loads_and_fits_the_column(tmp_path_factory):
     if stale:
         print(f"not judged (committed results older than the code; `make book` re-executes them): {stale}")
     _assert_readable(judged)
+
+
+@pytest.mark.parametrize("remote, url", [("git@github.com:someone/heart-vit.git", "https://github.com/someone/heart-vit"),
+                                         ("https://example.org/a/b.git", "https://example.org/a/b"),
+                                         ("/srv/git/heart.git", None)])
+def test_the_repository_button_links_a_web_address_only(monkeypatch, remote, url):
+    monkeypatch.setenv("HEART_REPOSITORY_URL", remote)
+    assert book.repository_url() == url
+
+
+def test_a_chapter_not_yet_executed_is_a_page_that_links_resolve_to(tmp_path, monkeypatch):
+    """Its placeholder is a notebook page, so `[camphive](camphive.ipynb)` on the claims page resolves,
+    and the staged configuration turns the repository button on when the address is known."""
+    import json
+
+    import yaml
+
+    monkeypatch.setenv("HEART_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv("HEART_REPOSITORY_URL", "https://example.org/heart")
+    if not (book.MATHJAX_DIR / "tex-chtml.js").is_file():
+        pytest.skip("local MathJax not installed (make mathjax)")
+    book.stage("smoke", tmp_path / "src")
+    page = json.loads((tmp_path / "src" / "_staged" / "camphive.ipynb").read_text())
+    assert "has not been executed" in page["cells"][0]["source"]
+    assert not list((tmp_path / "src" / "_staged").glob("*.md"))
+    settings = yaml.safe_load((tmp_path / "src" / "_config.yml").read_text())
+    assert settings["repository"]["url"] == "https://example.org/heart" and settings["html"]["use_repository_button"]
