@@ -142,10 +142,26 @@ def claim_c2(folder: Path, params: Params) -> Row:
 PAPER_FLOPS = 0.494  # the paper's headline FLOPs reduction (C3, C4)
 
 
-def _primary_selector(folder: Path) -> str:
-    """The token selector the pruning chapter declared primary (stored with its sweep)."""
+def _sweep_params(folder: Path) -> dict[str, Any]:
+    """The parameters the pruning chapter's sweep ran with (stored beside it)."""
     meta = folder / "pruning" / "sweep.meta.json"
-    return json.loads(meta.read_text()).get("params", {}).get("primary_selector", "gate") if meta.is_file() else "gate"
+    return json.loads(meta.read_text()).get("params", {}) if meta.is_file() else {}
+
+
+def _primary_selector(folder: Path) -> str:
+    """The token selector the pruning chapter declared primary."""
+    return _sweep_params(folder).get("primary_selector", "gate")
+
+
+def _declared(sweep: pd.DataFrame, params: dict[str, Any]) -> pd.Series:
+    """Rows that are not secondary joint variants: a joint row counts only with the declared head
+    ranking and head share (the variants were picked after seeing the images)."""
+    if "heads_by" not in sweep or "joint_head_share" not in params:
+        return pd.Series(True, index=sweep.index)
+    joint = sweep["family"] == "joint"
+    own = (sweep["heads_by"] == params.get("primary_head_method", "heart")) & \
+          ((sweep["head_share"] - params["joint_head_share"]).abs() < 1e-9)
+    return ~joint | own
 
 
 def claim_c3(folder: Path, params: Params) -> Row:
@@ -159,7 +175,8 @@ def claim_c3(folder: Path, params: Params) -> Row:
         return _missing("C3", statement, paper, chapter, path)
     selector = _primary_selector(folder)
     ours = sweep[(sweep["images"] == "all") & sweep["family"].isin(["token", "joint"]) & (sweep["method"] == selector)
-                 & (sweep["flops_reduction"] >= PAPER_FLOPS - params.flops_match)]
+                 & (sweep["flops_reduction"] >= PAPER_FLOPS - params.flops_match)
+                 & _declared(sweep, _sweep_params(folder))]
     if ours.empty:
         return _missing("C3", statement, paper, chapter, path)
     kept = [interval_relation(r.top1_drop_lo, r.top1_drop_hi, params.max_top1_drop) for r in ours.itertuples()]
@@ -441,19 +458,22 @@ def claims_markdown(table: pd.DataFrame, profile: str = "default") -> str:
 
 
 def headline_figure(profile: str):
-    """Top-1 against FLOPs saved for token and joint pruning with the paper's 49.4 % marked (C2, C3);
-    None when the pruning chapter has no results."""
+    """Top-1 against FLOPs saved for HEART's token-only, head-only and joint pruning (the declared
+    primaries, on one axis) with the paper's 49.4 % marked (C2, C3); None without pruning results."""
     from heart_lib.experiments import pruning
 
-    path = results_root() / profile / "pruning" / "sweep.csv"
+    folder = results_root() / profile
+    path = folder / "pruning" / "sweep.csv"
     if not path.is_file():
         return None
+    params = _sweep_params(folder)
     sweep = pd.read_csv(path)
-    fig = pruning.pareto_figure(sweep[sweep["images"] == "all"], families=("token", "joint"))
-    for ax in fig.axes[:2]:
-        ax.axvline(49.4, color="black", lw=0.8, ls=":")
-        ax.annotate("paper: 49.4 %", (49.4, 0), xycoords=("data", "axes fraction"), xytext=(-3, 4),
-                    textcoords="offset points", fontsize=7, ha="right")
+    fig = pruning.families_figure(sweep[_declared(sweep, params)], params.get("primary_selector", "gate"),
+                                  params.get("primary_head_method", "heart"))
+    ax = fig.axes[0]
+    ax.axvline(100 * PAPER_FLOPS, color="black", lw=0.8, ls=":")
+    ax.annotate(f"paper: {_pct(PAPER_FLOPS)}", (100 * PAPER_FLOPS, 0), xycoords=("data", "axes fraction"),
+                xytext=(-3, 4), textcoords="offset points", fontsize=7, ha="right")
     return fig
 
 
