@@ -20,7 +20,6 @@ import pandas as pd
 from heart_lib import display as D
 from heart_lib import results
 from heart_lib.measure import tables
-from heart_lib.paths import PROJECT_ROOT
 
 
 @dataclass(frozen=True)
@@ -61,14 +60,9 @@ class Params:
             workload.canonical_pruning(text)  # raises ValueError naming the bad config
 
 
-def devices_root(params: Params) -> Path:
-    root = Path(params.devices_root).expanduser()
-    return root if root.is_absolute() else PROJECT_ROOT / root
-
-
 def input_paths(params: Params) -> list[Path]:
     """What the chapter reads besides its parameters (the runner re-executes it when these change)."""
-    return [devices_root(params)]
+    return [tables.devices_root(params.devices_root)]
 
 
 def measure_live(params: Params, out: Path) -> Path | None:
@@ -92,7 +86,7 @@ def measure_live(params: Params, out: Path) -> Path | None:
 def load(params: Params, out: Path) -> pd.DataFrame:
     """Every run: the committed device measurements plus this notebook's live ones (if any)."""
     frames = []
-    root = devices_root(params)
+    root = tables.devices_root(params.devices_root)
     if root.is_dir():
         try:
             committed = tables.load_runs(root)
@@ -234,7 +228,7 @@ def run(params: Params, out: Path) -> dict[str, pd.DataFrame]:
     devices = device_table(runs)
     comparison = comparison_table(summary)
     speedups = tables.speedups(runs, seed=params.seed)
-    results.write_table(out / "runs.csv", runs, meta={"params": vars(params), "devices_root": str(devices_root(params))})
+    results.write_table(out / "runs.csv", runs, meta={"params": vars(params), "devices_root": str(tables.devices_root(params.devices_root))})
     results.write_table(out / "summary.csv", summary)
     results.write_table(out / "devices.csv", devices)
     results.write_table(out / "comparison.csv", comparison)

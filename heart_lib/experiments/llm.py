@@ -18,8 +18,7 @@ from typing import Any
 import pandas as pd
 
 from heart_lib import results
-from heart_lib.measure import llm_tables, select
-from heart_lib.paths import PROJECT_ROOT
+from heart_lib.measure import llm_tables, select, tables
 
 
 @dataclass(frozen=True)
@@ -54,14 +53,9 @@ class Params:
                        [self.live_new_tokens], [1], self.live_repeats, model_kwargs=self.live_model_kwargs)
 
 
-def devices_root(params: Params) -> Path:
-    root = Path(params.devices_root).expanduser()
-    return root if root.is_absolute() else PROJECT_ROOT / root
-
-
 def input_paths(params: Params) -> list[Path]:
     """What the chapter reads besides its parameters (the runner re-executes it when these change)."""
-    return [devices_root(params)]
+    return [tables.devices_root(params.devices_root)]
 
 
 def measure_live(params: Params, out: Path) -> Path | None:
@@ -87,7 +81,7 @@ def load(params: Params, out: Path) -> pd.DataFrame | None:
     """Every run: committed sessions plus this notebook's live ones; None when there are none."""
     frames = []
     try:
-        committed = llm_tables.load_llm_runs(devices_root(params))
+        committed = llm_tables.load_llm_runs(tables.devices_root(params.devices_root))
         frames.append(committed.assign(origin="committed"))
     except FileNotFoundError:
         pass
@@ -148,7 +142,7 @@ def run(params: Params, out: Path) -> dict[str, Any]:
         return {"runs": None}
     summary = llm_tables.summarize_llm(runs)
     chosen_table, best = selection(summary, params)
-    results.write_table(out / "runs.csv", runs, meta={"params": vars(params), "devices_root": str(devices_root(params))})
+    results.write_table(out / "runs.csv", runs, meta={"params": vars(params), "devices_root": str(tables.devices_root(params.devices_root))})
     results.write_table(out / "summary.csv", summary)
     results.write_table(out / "selection.csv", chosen_table)
     fig = pareto_figure(summary)

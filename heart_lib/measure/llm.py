@@ -20,11 +20,9 @@ import datetime as _dt
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
-import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +31,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from heart_lib.measure import bench, energy, fingerprint
-from heart_lib.measure.run import ROW_FINGERPRINT, _load_average, _signal_name
+from heart_lib.measure.run import ROW_FINGERPRINT, _load_average, in_fresh_process, record_failure
 
 OK = "ok"
 _DEFAULT_INTERVAL_S = energy.DEFAULT_INTERVAL_S  # the spec field `energy` shadows the module in the class body
@@ -541,14 +539,8 @@ def measure_llm_one(spec: LlmSpec, source: energy.EnergySource | None = None) ->
             raw["trace"] = {"kind": trace.kind, "t": [t - origin for t in trace.times], "value": trace.values}
         else:
             row.update(energy_status="none", energy_status_detail="")
-    except energy.SourceUnavailable as err:
-        row.update(status="error", status_detail=f"energy source: {err}")
     except Exception as err:  # noqa: BLE001 - a failed configuration is reported and the session goes on
-        if bench.is_out_of_memory(err):
-            row.update(status="oom", status_detail=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
-        else:
-            row.update(status="error", status_detail=f"{type(err).__name__}: {err}"[:500])
-            raw["traceback"] = traceback.format_exc()
+        record_failure(row, raw, err)
     finally:
         if sampler is not None:
             sampler.stop()
@@ -576,26 +568,7 @@ def _version(package: str) -> str | None:
 
 def run_llm_in_fresh_process(spec: LlmSpec, timeout_s: float | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """`measure_llm_one` in a new Python process; a crash (e.g. the OOM killer) becomes a row."""
-    with tempfile.TemporaryDirectory(prefix="heart-llm-") as tmp:
-        spec_path, result_path = Path(tmp, "spec.json"), Path(tmp, "result.json")
-        spec_path.write_text(json.dumps(dataclasses.asdict(spec)))
-        cmd = [sys.executable, "-m", "heart_lib.measure.llm", str(spec_path), str(result_path)]
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
-            code, err_tail = done.returncode, done.stderr.strip()[-800:]
-        except subprocess.TimeoutExpired:
-            code, err_tail = None, f"no result within {timeout_s} s"
-        if result_path.is_file():
-            result = json.loads(result_path.read_text())
-            return result["row"], result["raw"]
-    row = _blank_row(spec)
-    if code is not None and code < 0:
-        row["status"] = "crashed_oom?" if code == -9 else "crashed"
-        why = f"worker killed by {_signal_name(code)}" + (" (most often the out-of-memory killer)" if code == -9 else "")
-    else:
-        row["status"], why = "crashed", f"worker exited with code {code}"
-    row["status_detail"] = f"{why}: {err_tail}"[:800]
-    return row, {"spec": dataclasses.asdict(spec), "stderr": err_tail}
+    return in_fresh_process("heart_lib.measure.llm", spec, _blank_row(spec), timeout_s)
 
 
 COLUMN_ORDER = ("session", "run_id", "device_name", "device", "model", "weights", "dtype", "batch_size",

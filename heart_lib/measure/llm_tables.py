@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from heart_lib.measure import tables
+
 CONFIG_KEYS = ("device_name", "model", "weights", "dtype", "batch_size", "prompt_tokens", "new_tokens", "threads")
 MEDIAN_COLUMNS = ("load_s", "ttft_ms", "decode_ms_per_token", "decode_tokens_per_s", "tokens_per_s", "ms_per_token",
                   "generate_s", "peak_memory_mb", "gpu_peak_memory_mb", "energy_j", "energy_per_token_j",
@@ -19,12 +21,7 @@ FACT_COLUMNS = ("energy_source", "energy_reason", "cpu_model", "gpu_name", "jets
 def load_llm_runs(root: str | Path) -> pd.DataFrame:
     """Every LLM session table under `root` (`<root>/<device>/llm/<session>.csv`), one row per run."""
     root = Path(root)
-    frames = []
-    for path in sorted(root.glob("*/llm/*.csv")) if root.is_dir() else []:
-        frame = pd.read_csv(path)
-        if "run_id" in frame.columns:
-            frame["source_file"] = str(path.relative_to(root))
-            frames.append(frame)
+    frames = tables.read_sessions(sorted(root.glob("*/llm/*.csv")) if root.is_dir() else [], root)
     if not frames:
         raise FileNotFoundError(f"no LLM measurements under {root}/<device>/llm/; run `python -m heart_lib measure-llm`")
     return pd.concat(frames, ignore_index=True, sort=False)

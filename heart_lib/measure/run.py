@@ -85,6 +85,18 @@ def _blank_row(spec: RunSpec) -> dict[str, Any]:
     }
 
 
+def record_failure(row: dict[str, Any], raw: dict[str, Any], err: BaseException) -> None:
+    """A failed run becomes its row's status: a lost energy source, out of memory, or an error (with
+    the traceback kept in the raw detail), so the session goes on."""
+    if isinstance(err, energy.SourceUnavailable):
+        row.update(status="error", status_detail=f"energy source: {err}")
+    elif bench.is_out_of_memory(err):
+        row.update(status="oom", status_detail=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
+    else:
+        row.update(status="error", status_detail=f"{type(err).__name__}: {err}"[:500])
+        raw["traceback"] = traceback.format_exc()
+
+
 def measure_one(spec: RunSpec, source: energy.EnergySource | None = None,
                 build: Callable[[RunSpec], workload.Workload] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run one measurement in this process: (tidy row, raw detail). Failures are rows, not exceptions.
@@ -153,14 +165,8 @@ def measure_one(spec: RunSpec, source: energy.EnergySource | None = None,
                             "lost_reason": trace.lost_reason}
         else:
             row.update(energy_status="none", energy_status_detail="")
-    except energy.SourceUnavailable as err:
-        row.update(status="error", status_detail=f"energy source: {err}")
     except Exception as err:  # noqa: BLE001 - a failed configuration is reported and the session goes on
-        if bench.is_out_of_memory(err):
-            row.update(status="oom", status_detail=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
-        else:
-            row.update(status="error", status_detail=f"{type(err).__name__}: {err}"[:500])
-            raw["traceback"] = traceback.format_exc()
+        record_failure(row, raw, err)
     finally:
         if opened is not None:
             opened.close()
@@ -187,12 +193,14 @@ def _signal_name(code: int) -> str:
         return f"signal {-code}"
 
 
-def run_in_fresh_process(spec: RunSpec, timeout_s: float | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """`measure_one` in a new Python process (`python -m heart_lib.measure.worker`)."""
+def in_fresh_process(worker: str, spec: Any, blank_row: dict[str, Any],
+                     timeout_s: float | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run `python -m <worker> SPEC.json RESULT.json` on the dataclass `spec`: (row, raw) it wrote, or
+    `blank_row` marked crashed (the signal named; SIGKILL most often the out-of-memory killer)."""
     with tempfile.TemporaryDirectory(prefix="heart-measure-") as tmp:
         spec_path, result_path = Path(tmp, "spec.json"), Path(tmp, "result.json")
         spec_path.write_text(json.dumps(dataclasses.asdict(spec)))
-        cmd = [sys.executable, "-m", "heart_lib.measure.worker", str(spec_path), str(result_path)]
+        cmd = [sys.executable, "-m", worker, str(spec_path), str(result_path)]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
             code, err_tail = done.returncode, done.stderr.strip()[-800:]
@@ -201,7 +209,7 @@ def run_in_fresh_process(spec: RunSpec, timeout_s: float | None = None) -> tuple
         if result_path.is_file():
             result = json.loads(result_path.read_text())
             return result["row"], result["raw"]
-    row = _blank_row(spec)
+    row = dict(blank_row)
     if code is not None and code < 0:
         why = f"worker killed by {_signal_name(code)}"
         if code == -signal.SIGKILL:
@@ -214,6 +222,11 @@ def run_in_fresh_process(spec: RunSpec, timeout_s: float | None = None) -> tuple
         row["status"] = "crashed"
     row["status_detail"] = f"{why}: {err_tail}"[:800]
     return row, {"spec": dataclasses.asdict(spec), "stderr": err_tail}
+
+
+def run_in_fresh_process(spec: RunSpec, timeout_s: float | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`measure_one` in a new Python process (`python -m heart_lib.measure.worker`)."""
+    return in_fresh_process("heart_lib.measure.worker", spec, _blank_row(spec), timeout_s)
 
 
 # ------------------------------------------------------------------ sessions

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -13,20 +14,33 @@ MEDIAN_COLUMNS = ("latency_median_ms", "latency_per_image_ms", "throughput_img_s
                   "sampler_overhead_frac")
 
 
+def devices_root(text: str | Path) -> Path:
+    """The folder of device measurements: `text` as given when absolute, else under the project."""
+    from heart_lib.paths import PROJECT_ROOT
+
+    root = Path(text).expanduser()
+    return root if root.is_absolute() else PROJECT_ROOT / root
+
+
+def read_sessions(paths: Iterable[Path], root: Path) -> list[pd.DataFrame]:
+    """The measurement tables among `paths` (those with a `run_id` column), each with its source file."""
+    frames = []
+    for path in paths:
+        frame = pd.read_csv(path)
+        if "run_id" in frame.columns:
+            frame["source_file"] = str(path.relative_to(root))
+            frames.append(frame)
+    return frames
+
+
 def load_runs(root: str | Path) -> pd.DataFrame:
     """Every session table under `root` (recursively: `<root>/<device>/<session>.csv`), one row per run."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"no measurements folder {root}; run `python -m heart_lib measure` first")
-    frames = []
-    for path in sorted(root.rglob("*.csv")):
-        if {"raw", "llm"} & set(path.relative_to(root).parts):
-            continue  # per-run detail, and LLM sessions (their own chapter, heart_lib.measure.llm_tables)
-        frame = pd.read_csv(path)
-        if "run_id" not in frame.columns:
-            continue  # not a measurement table
-        frame["source_file"] = str(path.relative_to(root))
-        frames.append(frame)
+    # per-run detail (raw/) and LLM sessions (llm/: their own chapter, heart_lib.measure.llm_tables) are not ViT runs
+    frames = read_sessions([p for p in sorted(root.rglob("*.csv"))
+                            if not {"raw", "llm"} & set(p.relative_to(root).parts)], root)
     if not frames:
         raise FileNotFoundError(f"no measurement tables under {root}")
     return pd.concat(frames, ignore_index=True, sort=False)
