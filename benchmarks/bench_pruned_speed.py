@@ -24,14 +24,16 @@ from pathlib import Path
 
 import pandas as pd
 
+from heart_lib.experiments import pruning
+
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_FLOPS = 0.494
 
 
 def configurations(sweep: pd.DataFrame, target: float = PAPER_FLOPS) -> tuple[list[str], list[str]]:
-    """(configurations without the oracle, oracle configurations) at the level nearest `target`."""
-    rows = sweep[sweep["family"].isin(["token", "joint"]) & (sweep["images"] == "all")
-                 & ~sweep["level"].astype(str).str.contains(", heads ")].copy()  # declared joint only, no variants
+    """(configurations without the oracle, oracle configurations) at the level nearest `target`;
+    `sweep` holds the declared configurations only (`pruning.declared`)."""
+    rows = sweep[sweep["family"].isin(["token", "joint"]) & (sweep["images"] == "all")].copy()
     rows["distance"] = (rows["flops_reduction"] - target).abs()
     levels = rows.groupby(["family", "level"])["distance"].min().reset_index()
     chosen = levels.loc[levels.groupby("family")["distance"].idxmin()]
@@ -50,9 +52,10 @@ def main() -> int:
     path = ROOT / "results" / args.profile / "pruning" / "sweep.csv"
     if not path.is_file():
         sys.exit(f"error: {path} does not exist; run `python -m heart_lib run --profile {args.profile} --only pruning` first")
-    sweep = pd.read_csv(path)
+    params = json.loads(path.with_suffix(".meta.json").read_text())["params"]
+    sweep = pruning.declared(pd.read_csv(path), params["primary_head_method"], params["joint_head_share"])
     plain, oracle = configurations(sweep)
-    model = json.loads(path.with_suffix(".meta.json").read_text())["params"]["model"]
+    model = params["model"]
     base = [sys.executable, "-m", "heart_lib", "measure", "--model", model, "--repeats", str(args.repeats),
             "--min-cpu-share", "0.9", "--max-load", "1.5", *(["--out", args.out] if args.out else [])]
     sessions = [(["none", *plain], f"1,{args.large_batch}"), (oracle, "1")]

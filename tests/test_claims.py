@@ -161,6 +161,8 @@ def test_c6_needs_a_jetson(results, tmp_path):
     devices.mkdir(parents=True)
     (devices / "s.meta.json").write_text(json.dumps({"fingerprint": {"cpu_model": "AMD EPYC", "l4t": None,
                                                                       "jetson_model": None}}))
+    (devices / "llm").mkdir()  # the device's LLM sessions are the same device
+    (devices / "llm" / "l.meta.json").write_text((devices / "s.meta.json").read_text())
     row = claims.claim_c6(results, _params(tmp_path))
     assert row.verdict == "not testable here" and "1 other device" in row.ours
     orin = tmp_path / "devices" / "orin"

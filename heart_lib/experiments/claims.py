@@ -153,15 +153,13 @@ def _primary_selector(folder: Path) -> str:
     return _sweep_params(folder).get("primary_selector", "gate")
 
 
-def _declared(sweep: pd.DataFrame, params: dict[str, Any]) -> pd.Series:
-    """Rows that are not secondary joint variants: a joint row counts only with the declared head
-    ranking and head share (the variants were picked after seeing the images)."""
+def _declared(sweep: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:
+    """The sweep without the secondary joint variants (picked after seeing the images, never counted)."""
+    from heart_lib.experiments import pruning
+
     if "heads_by" not in sweep or "joint_head_share" not in params:
-        return pd.Series(True, index=sweep.index)
-    joint = sweep["family"] == "joint"
-    own = (sweep["heads_by"] == params.get("primary_head_method", "heart")) & \
-          ((sweep["head_share"] - params["joint_head_share"]).abs() < 1e-9)
-    return ~joint | own
+        return sweep
+    return pruning.declared(sweep, params.get("primary_head_method", "heart"), params["joint_head_share"])
 
 
 def claim_c3(folder: Path, params: Params) -> Row:
@@ -174,9 +172,9 @@ def claim_c3(folder: Path, params: Params) -> Row:
     if "top1_drop_hi" not in sweep:
         return _missing("C3", statement, paper, chapter, path)
     selector = _primary_selector(folder)
+    sweep = _declared(sweep, _sweep_params(folder))
     ours = sweep[(sweep["images"] == "all") & sweep["family"].isin(["token", "joint"]) & (sweep["method"] == selector)
-                 & (sweep["flops_reduction"] >= PAPER_FLOPS - params.flops_match)
-                 & _declared(sweep, _sweep_params(folder))]
+                 & (sweep["flops_reduction"] >= PAPER_FLOPS - params.flops_match)]
     if ours.empty:
         return _missing("C3", statement, paper, chapter, path)
     kept = [interval_relation(r.top1_drop_lo, r.top1_drop_hi, params.max_top1_drop) for r in ours.itertuples()]
@@ -293,7 +291,8 @@ def claim_c6(folder: Path, params: Params) -> Row:
     edge = folder / "edge" / "comparison.csv"
     if not jetsons:
         return Row("C6", statement, paper,
-                   f"no Jetson measured yet ({len({m.parent.name for m in sessions})} other device(s) under results/devices/)",
+                   f"no Jetson measured yet ({len({m.relative_to(root).parts[0] for m in sessions})} other device(s) "
+                   "under results/devices/)",
                    "needs a Jetson: see the edge chapter's how-to", "pruned latency and energy per image below the "
                    "unpruned model's on a Jetson", "not testable here", chapter)
     if not edge.is_file():
@@ -468,7 +467,7 @@ def headline_figure(profile: str):
         return None
     params = _sweep_params(folder)
     sweep = pd.read_csv(path)
-    fig = pruning.families_figure(sweep[_declared(sweep, params)], params.get("primary_selector", "gate"),
+    fig = pruning.families_figure(_declared(sweep, params), params.get("primary_selector", "gate"),
                                   params.get("primary_head_method", "heart"))
     ax = fig.axes[0]
     ax.axvline(100 * PAPER_FLOPS, color="black", lw=0.8, ls=":")

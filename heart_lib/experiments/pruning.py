@@ -589,22 +589,28 @@ def equal_flops_comparisons(params: Params, outcomes: list[tuple[Item, dict[str,
 
 
 def equal_flops_table(comparisons: pd.DataFrame):
-    """The equal-FLOPs comparisons for the page: what against what, FLOPs saved, top-1 difference."""
-    def named(text: str) -> str:  # "token: gate" -> "tokens only (learned gate)"
-        family, method = text.split(": ", 1)
-        return f"{FAMILY_TITLES.get(family, family)} ({D.label(method)})"
+    """The equal-FLOPs comparisons for the page: which family against which, FLOPs saved and top-1
+    of both, and the paired difference (the primaries are named in the chapter's text)."""
+    def family(text: str) -> str:  # "token: gate" -> "tokens only"
+        return FAMILY_TITLES.get(text.split(": ", 1)[0], text)
 
     return D.table(comparisons, {
-        "first": lambda t: t["first"].map(named),
-        "second": lambda t: t["second"].map(named),
+        "comparison": lambda t: [f"{family(a)} − {family(b)}" for a, b in zip(t["first"], t["second"])],
         "FLOPs target (%)": lambda t: t.target.map(D.percent),
-        "FLOPs saved (%), first / second": lambda t: [f"{D.percent(a)} / {D.percent(b)}" for a, b in
-                                                      zip(t.first_flops_reduction, t.second_flops_reduction)],
-        "top-1 (%), first / second": lambda t: [f"{D.percent(a)} / {D.percent(b)}" for a, b in
-                                                zip(t.first_top1, t.second_top1)],
-        "first minus second (points), paired 95 % CI": lambda t: [_points(d, lo, hi) for d, lo, hi in
-                                                                   zip(t.difference, t.lo, t.hi)],
-    })
+        "FLOPs saved (%), each": lambda t: [f"{D.percent(a)} / {D.percent(b)}" for a, b in
+                                            zip(t.first_flops_reduction, t.second_flops_reduction)],
+        "top-1 (%), each": lambda t: [f"{D.percent(a)} / {D.percent(b)}" for a, b in zip(t.first_top1, t.second_top1)],
+        "difference (points), paired 95 % CI": lambda t: [_points(d, lo, hi) for d, lo, hi in
+                                                          zip(t.difference, t.lo, t.hi)],
+    }, max_chars=40)
+
+
+def declared(sweep: pd.DataFrame, primary_head_method: str, joint_head_share: float) -> pd.DataFrame:
+    """The sweep without the secondary joint variants: a joint row stays only with the declared head
+    ranking and head share (the variants have `joint_variants_table`)."""
+    joint = sweep["family"] == "joint"
+    own = (sweep["heads_by"] == primary_head_method) & ((sweep["head_share"] - joint_head_share).abs() < 1e-9)
+    return sweep[~joint | own]
 
 
 def _budget_table(ctx: Context, sweep: pd.DataFrame, predicted: dict[str, dict[str, float]]) -> pd.DataFrame:
