@@ -20,6 +20,7 @@ import pandas as pd
 
 from heart_lib import catalogue
 from heart_lib.experiments import camphive
+from heart_lib.experiments.edge import selector_label
 from heart_lib.display import label as label_of
 from heart_lib.experiments.verdicts import VERDICTS, Row, combine, interval_relation, missing as _missing
 from heart_lib.paths import PROJECT_ROOT, results_root
@@ -196,12 +197,6 @@ def claim_c3(folder: Path, params: Params) -> Row:
 C4_LATENCY, C4_THROUGHPUT = 0.36, 0.46  # the paper's latency saved and throughput gained (on a GPU)
 
 
-def _selector_of(pruning: str) -> str:
-    """The display label of a configuration's selector ('unpruned' for none)."""
-    parts = dict(p.split("=", 1) for p in str(pruning).split(";") if "=" in p)
-    return label_of(parts.get("selector", "cls_attention")) + (" + heads" if "heads" in parts else "")
-
-
 def claim_c4(folder: Path, params: Params) -> Row:
     statement = "36 % lower latency and 46 % higher throughput (at 49.4 % fewer FLOPs)"
     paper, chapter = "−36 % latency, +46 % throughput (GPU)", "edge"
@@ -228,12 +223,12 @@ def claim_c4(folder: Path, params: Params) -> Row:
         thr = interval_relation(r["throughput_gain_lo"], r["throughput_gain_hi"], C4_THROUGHPUT)
         outcomes.append("reproduced" if lat == thr == "above" else
                         "not reproduced" if "below" in (lat, thr) else "inconclusive")
-        parts.append(f"{device} {model} batch {batch}, {_selector_of(r['pruning'])}: FLOPs −{_pct(r['flops_reduction'])}, "
+        parts.append(f"{device} {model} batch {batch}, {selector_label(r['pruning'])}: FLOPs −{_pct(r['flops_reduction'])}, "
                      f"latency −{_pct(r['latency_reduction'])} [{_pct(r['latency_reduction_lo'])}, "
                      f"{_pct(r['latency_reduction_hi'])}], throughput +{_pct(r['throughput_gain'])} "
                      f"[{_pct(r['throughput_gain_lo'])}, {_pct(r['throughput_gain_hi'])}]")
         for o in group[pruning.str.contains("|".join(oracles))].itertuples():
-            parts.append(f"{device} {model} batch {batch}, {_selector_of(o.pruning)} end to end (scoring included): "
+            parts.append(f"{device} {model} batch {batch}, {selector_label(o.pruning)} end to end (scoring included): "
                          f"latency {-o.latency_reduction:+.0%} (not counted: the oracle is not a deployable selector)")
     if not outcomes:
         return _missing("C4", statement, paper, chapter, path)

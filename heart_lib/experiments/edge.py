@@ -175,7 +175,8 @@ def display_summary(summary: pd.DataFrame):
     """The per-configuration medians for the page: what ran, and its time, memory and energy."""
     number = lambda column, digits=3: (lambda t: t[column].map(lambda v: D.number(v, digits)))  # noqa: E731
     return D.table(summary, {
-        "device": "device_name", "model": "model", "batch": "batch_size", "runs ok": "runs_ok", "GFLOPs / image": lambda t: (t["flops_per_image"] / 1e9).map(
+        "device": "device_name", "model": "model", "batch": "batch_size",
+        "tokens chosen by": lambda t: t["pruning"].map(selector_label), "runs ok": "runs_ok", "GFLOPs / image": lambda t: (t["flops_per_image"] / 1e9).map(
             lambda v: D.number(v, 3)),
         "latency (ms, median)": number("latency_median_ms"), "latency IQR (ms)": number("latency_iqr_ms", 2),
         "ms / image": number("latency_per_image_ms"), "images / s": number("throughput_img_s"),
@@ -206,6 +207,14 @@ def comparison_display(comparison: pd.DataFrame):
                                 "pruning": "pruning"})
 
 
+def selector_label(pruning: str) -> str:
+    """What chose the tokens of a configuration, as one label ('+ heads' when heads are sliced too)."""
+    parts = dict(p.split("=", 1) for p in str(pruning).split(";") if "=" in p)
+    if "tokens" not in parts:
+        return "heads only" if "heads" in parts else "unpruned"
+    return D.label(parts.get("selector", "cls_attention")) + (" + heads" if "heads" in parts else "")
+
+
 def speedups_display(speedups: pd.DataFrame):
     """Pruned against unpruned with bootstrap intervals over runs: FLOPs, latency and throughput."""
     def ci(column: str, sign: str = ""):
@@ -213,6 +222,7 @@ def speedups_display(speedups: pd.DataFrame):
                           zip(t[column], t[f"{column}_lo"], t[f"{column}_hi"])]
 
     return D.table(speedups, {"device": "device_name", "model": "model", "batch": "batch_size",
+                              "tokens chosen by": lambda t: t["pruning"].map(selector_label),
                               "FLOPs saved (%)": lambda t: t["flops_reduction"].map(D.percent),
                               "latency saved (%), 95 % CI": ci("latency_reduction"),
                               "throughput gained (%), 95 % CI": ci("throughput_gain", "+"),
