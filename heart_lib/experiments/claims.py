@@ -22,7 +22,7 @@ from heart_lib import catalogue
 from heart_lib.experiments import camphive
 from heart_lib.experiments.edge import selector_label
 from heart_lib.display import label as label_of
-from heart_lib.experiments.verdicts import VERDICTS, Row, combine, interval_relation, missing as _missing
+from heart_lib.experiments.verdicts import VERDICTS, Row, above, combine, interval_relation, missing as _missing
 from heart_lib.paths import PROJECT_ROOT, results_root
 
 
@@ -124,9 +124,7 @@ def claim_c2(folder: Path, params: Params) -> Row:
             texts.append(f"{comparison}: not measured (no common FLOPs target)")
             outcomes.append("inconclusive")
             continue
-        relations = [interval_relation(r.lo, r.hi) for r in rows.itertuples()]
-        outcomes.append("reproduced" if all(x == "above" for x in relations) else
-                        "not reproduced" if "below" in relations else "inconclusive")
+        outcomes.append(combine([above(r.lo, r.hi) for r in rows.itertuples()]))
         texts.append(f"{comparison}: " + ", ".join(f"{_points(r.difference, r.lo, r.hi)} at −{_pct(r.target)}"
                                                      for r in rows.itertuples()))
     primaries = sorted({text for column in ("first", "second") for text in table[column]})
@@ -219,10 +217,8 @@ def claim_c4(folder: Path, params: Params) -> Row:
         if r.empty:
             continue
         r = r.iloc[0]
-        lat = interval_relation(r["latency_reduction_lo"], r["latency_reduction_hi"], C4_LATENCY)
-        thr = interval_relation(r["throughput_gain_lo"], r["throughput_gain_hi"], C4_THROUGHPUT)
-        outcomes.append("reproduced" if lat == thr == "above" else
-                        "not reproduced" if "below" in (lat, thr) else "inconclusive")
+        outcomes.append(combine([above(r["latency_reduction_lo"], r["latency_reduction_hi"], C4_LATENCY),
+                                 above(r["throughput_gain_lo"], r["throughput_gain_hi"], C4_THROUGHPUT)]))
         parts.append(f"{device} {model} batch {batch}, {selector_label(r['pruning'])}: FLOPs −{_pct(r['flops_reduction'])}, "
                      f"latency −{_pct(r['latency_reduction'])} [{_pct(r['latency_reduction_lo'])}, "
                      f"{_pct(r['latency_reduction_hi'])}], throughput +{_pct(r['throughput_gain'])} "

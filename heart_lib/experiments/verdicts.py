@@ -40,6 +40,12 @@ def interval_relation(lo: float, hi: float, threshold: float = 0.0) -> str:
     return "above" if lo > threshold else "below" if hi < threshold else "overlap"
 
 
+def above(lo: float, hi: float, threshold: float = 0.0) -> str:
+    """The verdict of one interval that must lie above a threshold: reproduced, not reproduced when it
+    lies below, inconclusive when it straddles."""
+    return {"above": "reproduced", "below": "not reproduced"}.get(interval_relation(lo, hi, threshold), "inconclusive")
+
+
 def combine(outcomes: list[str]) -> str:
     """A verdict from parts that must all hold: every part reproduced, one failed, or otherwise open."""
     if outcomes and all(o == "reproduced" for o in outcomes):
