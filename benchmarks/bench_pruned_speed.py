@@ -10,8 +10,12 @@ would take minutes per iteration). Random weights and an untrained gate of the t
 timing depends on shapes, not on values. The edge chapter shows the result and the claims page reads
 C4 from it.
 
+With `--chapter finetune` it times instead the settings the fine-tuning chapter trained on ImageNet
+(the book's "40 % token pruning" with HEART's gate, the joint setting and the peers matched to its
+FLOPs), read from that chapter's `run.json`.
+
 Run under the benchmark lock on a quiet machine:
-    flock /tmp/heart-bench.lock .venv/bin/python benchmarks/bench_pruned_speed.py
+    flock /tmp/heart-bench.lock .venv/bin/python benchmarks/bench_pruned_speed.py [--chapter finetune]
 """
 
 from __future__ import annotations
@@ -48,14 +52,30 @@ def main() -> int:
     parser.add_argument("--large-batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None, help="output folder (default: results/devices/<device>)")
+    parser.add_argument("--chapter", choices=("pruning", "finetune"), default="pruning",
+                        help="whose configurations to time (default: the pruning chapter's at 49.4 %%)")
     args = parser.parse_args()
+    if args.chapter == "finetune":
+        return _measure(*finetune_configurations(args.profile), args)
     path = ROOT / "results" / args.profile / "pruning" / "sweep.csv"
     if not path.is_file():
         sys.exit(f"error: {path} does not exist; run `python -m heart_lib run --profile {args.profile} --only pruning` first")
     params = json.loads(path.with_suffix(".meta.json").read_text())["params"]
     sweep = pruning.declared(pd.read_csv(path), params["primary_head_method"], params["joint_head_share"])
-    plain, oracle = configurations(sweep)
-    model = params["model"]
+    return _measure(params["model"], *configurations(sweep), args)
+
+
+def finetune_configurations(profile: str) -> tuple[str, list[str], list[str]]:
+    """(model, configurations, no oracle) of the fine-tuning chapter's ImageNet settings."""
+    path = ROOT / "results" / profile / "finetune" / "run.json"
+    if not path.is_file():
+        sys.exit(f"error: {path} does not exist; run `python -m heart_lib run --profile {profile} --only finetune` first")
+    meta = json.loads(path.read_text())
+    settings = meta["experiments"]["imagenet"]["settings"]
+    return meta["params"]["model"], sorted(c for c in settings.values() if c != "none"), []
+
+
+def _measure(model: str, plain: list[str], oracle: list[str], args) -> int:
     base = [sys.executable, "-m", "heart_lib", "measure", "--model", model, "--repeats", str(args.repeats),
             "--min-cpu-share", "0.9", "--max-load", "1.5", *(["--out", args.out] if args.out else [])]
     sessions = [(["none", *plain], f"1,{args.large_batch}"), (oracle, "1")]

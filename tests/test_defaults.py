@@ -1,5 +1,5 @@
 """One source of defaults: `Params`. Notebook parameters cells and profiles agree with it; a direct
-papermill run writes to the scratch profile and a misspelt `-p` name fails."""
+papermill run writes to the scratch profile and a misspelt `-p` or `-f` name fails."""
 
 from __future__ import annotations
 
@@ -67,3 +67,16 @@ def test_direct_papermill_writes_scratch_and_rejects_misspelt_names(tmp_path):
     failed = _papermill(tmp_path, "-p", "limt", "4")
     assert failed.returncode != 0
     assert "unknown parameter(s) ['limt']" in failed.stderr + failed.stdout
+
+
+def test_direct_papermill_rejects_a_misspelt_name_in_a_parameters_file(tmp_path):
+    import yaml
+
+    values = yaml.safe_load((PROFILES_DIR / "smoke" / "baseline.yaml").read_text())
+    values["limt"] = values.pop("limit")  # the typo a user makes in their own -f file
+    bad = tmp_path / "mine.yaml"
+    bad.write_text(yaml.safe_dump(values))
+    failed = _papermill(tmp_path, "-f", str(bad))
+    assert failed.returncode != 0
+    assert "unknown parameter(s) ['limt']" in failed.stderr + failed.stdout
+    assert not (tmp_path / "results" / "scratch" / "baseline" / "summary.json").exists()

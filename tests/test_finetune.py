@@ -3,7 +3,11 @@ dynamic token selection while training, reproducible augmentation, resolution ch
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -114,7 +118,8 @@ def test_killed_run_resumes_bit_identical(tmp_path, synthetic):
 
 def test_resume_with_other_configuration_is_refused(tmp_path, synthetic):
     run(tmp_path, synthetic, stop_after=2)
-    with pytest.raises(CheckpointMismatch, match=r"lr: checkpoint 0\.001, now 0\.002"):
+    # The refusal names the difference and says how to start over instead.
+    with pytest.raises(CheckpointMismatch, match=r"lr: checkpoint 0\.001, now 0\.002.*--no-resume"):
         run(tmp_path, synthetic, lr=2e-3)
     teacher = tiny()
     other = prune(teacher, "tokens=0.25@1;selector=cls_attention")
@@ -184,3 +189,29 @@ def test_model_at_resolution_resamples_position_embeddings():
     assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
     with pytest.raises(ValueError, match="multiple of the patch size"):
         model_at_resolution("vit_tiny_patch16_224", "none", 10, image_size=20, img_size=32, patch_size=8, depth=1)
+
+
+# ------------------------------------------------------------------ command line
+
+CLI_ARGS = ["--model", "vit_tiny_patch16_224", "--weights", "none", "--num-classes", "10",
+            "--model-kwargs", json.dumps({"img_size": 32, "patch_size": 8, "depth": 2}),
+            "--train-data", "synthetic", "--train-limit", "32", "--batch-size", "8", "--epochs", "1",
+            "--lr", "1e-3", "--warmup-epochs", "0", "--device", "cpu", "--seed", "3", "--checkpoint-every", "1"]
+
+
+def test_cli_stopped_run_resumes_when_called_again(tmp_path):
+    """`python -m heart_lib.finetune` stopped early (--stop-after) and called again with the same
+    --out resumes from its checkpoint and says so."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", HEART_PROGRESS="0")
+    cmd = [sys.executable, "-m", "heart_lib.finetune", *CLI_ARGS, "--out", str(tmp_path)]
+    first = subprocess.run([*cmd, "--stop-after", "2"], env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert "stopped after step 2 (--stop-after)" in first.stdout and "resumed" not in first.stdout
+    assert ckpt.load(tmp_path / "checkpoint.pt")["step"] == 2
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    assert "fine-tuning finished, resumed from step 2 of" in second.stdout, second.stdout
+    assert "(--no-resume starts over)" in second.stdout
+    assert ckpt.load(tmp_path / "checkpoint.pt")["step"] == 4  # 32 images / 8 per step, one epoch

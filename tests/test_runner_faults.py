@@ -117,6 +117,11 @@ def test_killed_run_leaves_results_whole_and_its_leftovers_are_removed_later(bas
     proc.communicate()
     assert {k: v for k, v in _snapshot(baseline_done).items() if not k.startswith(runner.STAGING)} == before
     assert (baseline_done / runner.STAGING).is_dir()  # what the killed run left ...
+    # ... and temporary files of interrupted atomic writes (heart_lib.results.atomic_path names them
+    # .<name>.<random>.tmp), one outside any chapter folder and one inside the chapter.
+    planted = [baseline_done / ".timings.json.k1ll3d.tmp", baseline_done / "baseline" / ".per_image.csv.k1ll3d.tmp"]
+    for leftover in planted:
+        leftover.write_text("half-written")
 
     _set(root, "baseline", limit=16, model_kwargs={"img_size": 32, "patch_size": 8, "depth": 4})
     done = subprocess.run([sys.executable, "-m", "heart_lib", "run", "--profile", "mine", "--only", "baseline"],
@@ -124,6 +129,7 @@ def test_killed_run_leaves_results_whole_and_its_leftovers_are_removed_later(bas
     assert done.returncode == 0, done.stderr
     assert not (baseline_done / runner.STAGING).exists()  # ... is removed by the next run
     assert not list(baseline_done.rglob(".*.tmp"))
+    assert not any(leftover.exists() for leftover in planted)
     assert len((baseline_done / "baseline" / "per_image.csv").read_text().splitlines()) == 1 + 16
 
 

@@ -70,3 +70,39 @@ def test_bootstrap_intervals_are_as_wide_as_the_spread_allows():
     half = 1.96 * values.std(ddof=1) / np.sqrt(len(values))
     assert mean == pytest.approx(values.mean())
     assert 0.8 * half < (hi - lo) / 2 < 1.2 * half
+
+
+def test_committed_per_image_intervals_are_as_wide_as_their_spread():
+    """Every committed "per image, mean" interval of correlations.csv is at least 0.8·1.96·sd/√n
+    wide (half-width), with sd and n from that row's per-image values in per_image_correlations.csv."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "results" / "default" / "sensitivity"
+    table_path, per_image_path = folder / "correlations.csv", folder / "per_image_correlations.csv"
+    if not (table_path.is_file() and per_image_path.is_file()):
+        pytest.skip(f"no committed sensitivity results in {folder}")
+    table = pd.read_csv(table_path)
+    per_image = pd.read_csv(per_image_path)
+    # The per-layer-mean component is the per-image mean over the token layers (chapter._with_layer_mean).
+    tokens = per_image[per_image["component"].str.startswith("tokens@")]
+    layer_mean = (tokens.groupby(["image", "score", "variant"], as_index=False)[["spearman", "kendall"]].mean()
+                  .assign(component="tokens (mean over layers)"))
+    groups = pd.concat([per_image, layer_mean], ignore_index=True).groupby(["component", "score", "variant"])
+    rows = table[table["aggregation"] == "per image, mean"]
+    assert len(rows) > 0
+    checked = 0
+    for _, row in rows.iterrows():
+        values = groups.get_group((row["component"], row["score"], row["variant"]))
+        for stat in ("spearman", "kendall"):
+            v = values[stat].to_numpy(dtype=float)
+            v = v[np.isfinite(v)]
+            assert len(v) == row["n_images"], (row["component"], row["score"], row["variant"], stat)
+            if len(v) < 2:
+                continue
+            assert row[stat] == pytest.approx(v.mean(), abs=1e-5)
+            floor = 0.8 * 1.96 * v.std(ddof=1) / np.sqrt(len(v))
+            half = (row[f"{stat}_hi"] - row[f"{stat}_lo"]) / 2
+            assert half >= floor, (f"{row['component']}, {row['score']} ({row['variant']}), {stat}: half-width "
+                                   f"{half:.4g} < 0.8·1.96·sd/√n = {floor:.4g} (n = {len(v)})")
+            checked += 1
+    assert checked == 2 * len(rows)

@@ -168,7 +168,18 @@ def comparison_table(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def _pruning_label(text: str) -> str:
-    return "unpruned" if text == "none" else text
+    """The configuration as measured, named by the book's term when it is one ("40 % token pruning")."""
+    from heart_lib.experiments.definitions import TOKENS_40, TOKENS_40_NAME
+    from heart_lib.pruning import PruningConfig
+
+    if text == "none":
+        return "unpruned"
+    try:
+        config = PruningConfig.parse(text)
+    except ValueError:
+        return text
+    same = config.layers == TOKENS_40.layers and config.keep == TOKENS_40.keep and not config.heads
+    return f"{TOKENS_40_NAME} ({text})" if same else text
 
 
 def display_summary(summary: pd.DataFrame):
@@ -228,7 +239,7 @@ def speedups_display(speedups: pd.DataFrame):
                               "throughput gained (%), 95 % CI": ci("throughput_gain", "+"),
                               "runs (pruned / unpruned)": lambda t: [f"{a} / {b}" for a, b in
                                                                      zip(t["runs_pruned"], t["runs_dense"])],
-                              "pruning": "pruning"})
+                              "pruning": lambda t: t["pruning"].map(_pruning_label)})
 
 
 def run(params: Params, out: Path) -> dict[str, pd.DataFrame]:
